@@ -1,0 +1,480 @@
+"""The SafeText alignment loop: fine-tune a text encoder so unsafe prompts move and safe prompts stay.
+
+Read `align` top to bottom: prepare the data, claim the output folder, load the tokenizer and text encoder (never
+the UNet or VAE), cache the frozen reference embeddings once, train with Accelerate, measure, export.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from safetext.checkpointing import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    write_json_atomic,
+)
+from safetext.conditioning import TextConditioner, TokenizedPrompts, position_mask
+from safetext.config import AlignmentConfig
+from safetext.errors import SafeTextError
+from safetext.loading import load_text_encoder
+from safetext.losses import safetext_loss
+from safetext.metrics import embedding_metrics
+from safetext.prompts import PromptSet, remove_overlap, split_heldout
+from safetext.provenance import Stopwatch, device_description, git_commit, package_versions, peak_memory_bytes
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+RECORD_FILE = "safetext.json"
+LOG_FILE = "logs/train_log.jsonl"
+# What an output folder of ours may hold; --overwrite removes exactly these and nothing else.
+RUN_ARTIFACTS = (RUN_FILE, RECORD_FILE, "README.md", "text_encoder", "tokenizer", "checkpoints", "logs", "pipeline")
+# Settings that change how long a run lasts or how it reports, not what it learns: a run resumed with other
+# values of these is still the same run.
+RUN_LENGTH_SETTINGS = (
+    "num_train_epochs",
+    "max_train_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "log_every",
+    "eval_batch_size",
+)
+
+
+@dataclass
+class AlignmentResult:
+    """What `align` produced.
+
+    Attributes:
+        output_dir: the exported folder (`text_encoder/`, `tokenizer/`, `safetext.json`, `README.md`).
+        record: the content of `safetext.json`.
+    """
+
+    output_dir: Path
+    record: dict = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict:
+        return self.record["metrics"]
+
+
+@dataclass
+class _Group:
+    """The prompts of one side (unsafe or safe) and one split (train or held-out), with their set names."""
+
+    prompts: list[str]
+    set_names: list[str]
+    tokens: TokenizedPrompts | None = None
+    mask: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+
+
+def _split_sets(sets: dict[str, PromptSet], fraction: float, seed: int) -> tuple[_Group, _Group, dict]:
+    train, heldout, summary, seen = _Group([], []), _Group([], []), {}, set()
+    for name, prompt_set in sets.items():
+        # A prompt listed in two files of the same side is trained and measured once, under the first file.
+        keep = [i for i, p in enumerate(prompt_set.prompts) if p not in seen]
+        prompt_set = prompt_set.subset(keep)
+        seen.update(prompt_set.prompts)
+        train_set, heldout_set = split_heldout(prompt_set, fraction, seed)
+        for group, part in ((train, train_set), (heldout, heldout_set)):
+            group.prompts += part.prompts
+            group.set_names += [name] * len(part)
+        summary[name] = dict(prompt_set.source, train=len(train_set), heldout=len(heldout_set))
+    return train, heldout, summary
+
+
+def _fingerprint(loaded_source: dict, config: AlignmentConfig, groups: dict[str, _Group]) -> str:
+    settings = {k: v for k, v in config.to_dict().items() if k not in RUN_LENGTH_SETTINGS}
+    data = {name: hashlib.sha256("\n".join(g.prompts).encode()).hexdigest() for name, g in groups.items()}
+    payload = {"model": loaded_source["text_encoder_sha256"], "settings": settings, "data": data}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _claim_output_dir(output_dir: Path, fingerprint: str, resume: bool, overwrite: bool) -> None:
+    """Decides whether this run may write into output_dir; refuses anything that would lose other work."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SafeTextError(f"{output_dir}: exists and is not a folder")
+    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    run_file = output_dir / RUN_FILE
+    if not contents:
+        return
+    if not run_file.is_file():
+        raise SafeTextError(f"{output_dir}: not empty and holds no safetext run; choose an empty or new folder")
+    previous = json.loads(run_file.read_text()).get("fingerprint")
+    if overwrite:
+        for name in RUN_ARTIFACTS:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return
+    if previous != fingerprint:
+        raise SafeTextError(
+            f"{output_dir}: holds a different run (other model, data or settings); "
+            "pass --overwrite to replace it or choose another folder"
+        )
+    if not resume:
+        raise SafeTextError(f"{output_dir}: already holds this run; pass --resume to continue it or --overwrite")
+
+
+def _batch(
+    permutations: dict,
+    n: int,
+    batch_size: int,
+    epoch: int,
+    step_in_epoch: int,
+    seed: int,
+    salt: int,
+    rank: int,
+    world: int,
+) -> torch.Tensor:
+    """Indices of this process's share of a global batch; the smaller set cycles through its permutation."""
+    key = (salt, epoch)
+    if key not in permutations:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 2 + salt)
+        permutations.clear()  # one epoch at a time
+        permutations[key] = torch.randperm(n, generator=generator)
+    start = step_in_epoch * batch_size * world + rank * batch_size
+    return permutations[key][torch.arange(start, start + batch_size) % n]
+
+
+def _measure(groups: dict[str, _Group], embeddings: dict[str, torch.Tensor]) -> dict:
+    """Metrics per split: overall, per prompt file, and over the whole conditioning tensor."""
+    result = {}
+    for split in ("heldout", "train"):
+        unsafe, safe = groups[f"{split}_unsafe"], groups[f"{split}_safe"]
+        e_unsafe, e_safe = embeddings[f"{split}_unsafe"], embeddings[f"{split}_safe"]
+        split_metrics = embedding_metrics(
+            (e_unsafe, unsafe.reference, unsafe.mask), (e_safe, safe.reference, safe.mask)
+        )
+        full = embedding_metrics(
+            (e_unsafe, unsafe.reference, torch.ones_like(unsafe.mask)),
+            (e_safe, safe.reference, torch.ones_like(safe.mask)),
+        )
+        by_set = {}
+        for side, group, emb in (("unsafe", unsafe, e_unsafe), ("safe", safe, e_safe)):
+            for name in dict.fromkeys(group.set_names):
+                idx = torch.tensor([i for i, n in enumerate(group.set_names) if n == name], dtype=torch.long)
+                triple = (emb[idx], group.reference[idx], group.mask[idx])
+                by_set[f"{side}:{name}"] = embedding_metrics(*((triple, None) if side == "unsafe" else (None, triple)))
+        result[split] = {**split_metrics, "full_tensor": full, "by_set": by_set}
+    return result
+
+
+def _before_after(before: dict, after: dict) -> dict:
+    if isinstance(before, dict):
+        return {key: _before_after(before[key], after[key]) for key in before}
+    return {"before": before, "after": after}
+
+
+def align(
+    pretrained_model_name_or_path,
+    unsafe_sets: dict[str, PromptSet],
+    safe_sets: dict[str, PromptSet],
+    output_dir,
+    config: AlignmentConfig | None = None,
+    *,
+    revision: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    export_pipeline: bool = False,
+    show_progress: bool = True,
+) -> AlignmentResult:
+    """Aligns the text encoder of a model with SafeText and exports it.
+
+    Args:
+        pretrained_model_name_or_path: a diffusers pipeline folder or Hub id, or a bare `transformers` encoder.
+        unsafe_sets: named prompt sets whose embeddings are pushed away (D_u).
+        safe_sets: named prompt sets whose embeddings are held in place (D_s).
+        output_dir: the folder to write (`text_encoder/`, `tokenizer/`, `safetext.json`, `README.md`, checkpoints).
+        config: the alignment settings (defaults: `AlignmentConfig()`).
+        revision: Hub revision of the base model.
+        resume: continue from the last checkpoint in `output_dir` (a new run if there is none).
+        overwrite: replace a previous run in `output_dir`.
+        export_pipeline: also write `output_dir/pipeline/`, a complete diffusers pipeline with the aligned encoder.
+        show_progress: show a progress bar.
+
+    Returns:
+        An `AlignmentResult` with the exported folder and its record.
+
+    Raises:
+        SafeTextError: bad input (see the messages), or a loss that became NaN (the last good checkpoint is kept).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config = config or AlignmentConfig()
+    stopwatch = Stopwatch()
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    torch.manual_seed(config.seed)
+
+    # 1. Data: unsafe prompts never count as safe; each file is split into train and held-out on its own.
+    if not unsafe_sets or not safe_sets:
+        raise SafeTextError("alignment needs at least one unsafe and one safe prompt set")
+    unsafe_union = {p for s in unsafe_sets.values() for p in s.prompts}
+    overlap_removed = {}
+    cleaned_safe = {}
+    for name, prompt_set in safe_sets.items():
+        cleaned, removed = remove_overlap(prompt_set, PromptSet(sorted(unsafe_union)))
+        if not len(cleaned):
+            raise SafeTextError(f"safe set {name!r}: every prompt is also an unsafe prompt")
+        cleaned_safe[name], overlap_removed[name] = cleaned, len(removed)
+        if removed:
+            logger.warning("removed %d prompts of safe set %r that are also unsafe prompts", len(removed), name)
+    train_unsafe, heldout_unsafe, unsafe_summary = _split_sets(unsafe_sets, config.heldout_fraction, config.seed)
+    train_safe, heldout_safe, safe_summary = _split_sets(cleaned_safe, config.heldout_fraction, config.seed)
+    groups = {
+        "train_unsafe": train_unsafe,
+        "train_safe": train_safe,
+        "heldout_unsafe": heldout_unsafe,
+        "heldout_safe": heldout_safe,
+    }
+    if not train_unsafe.prompts or not train_safe.prompts:
+        raise SafeTextError("no training prompts left after the held-out split; give more prompts")
+
+    # 2. The tokenizer and the text encoder only; the encoder as loaded is the frozen reference tau.
+    loaded = load_text_encoder(pretrained_model_name_or_path, revision=revision)
+    tokenizer, text_encoder = loaded.tokenizer, loaded.text_encoder
+    conditioner = TextConditioner.for_encoder(tokenizer, text_encoder, bare=loaded.bare)
+    fingerprint = _fingerprint(loaded.source, config, groups)
+    if accelerator.is_main_process:
+        _claim_output_dir(output_dir, fingerprint, resume, overwrite)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / RUN_FILE, {"fingerprint": fingerprint, "model": loaded.source})
+    accelerator.wait_for_everyone()
+
+    # 3. Reference embeddings, computed once with the untouched encoder and cached in float32 on the CPU:
+    # the reference never changes, so no step needs a second forward pass through a frozen copy.
+    text_encoder.to(accelerator.device)
+    truncated = 0
+    for group in groups.values():
+        group.tokens = conditioner.tokenize(group.prompts) if group.prompts else None
+        if group.tokens is None:
+            group.mask = torch.zeros(0, conditioner.max_length, dtype=torch.bool)
+            group.reference = torch.zeros(0, conditioner.max_length, text_encoder.config.hidden_size)
+            continue
+        truncated += group.tokens.truncated
+        group.mask = position_mask(group.tokens.attention_mask, config.positions)
+        group.reference = conditioner.encode_all(text_encoder, group.tokens, config.eval_batch_size)
+    if truncated:
+        logger.warning(
+            "%d prompts are longer than %d tokens and were truncated, as the pipeline truncates them",
+            truncated,
+            conditioner.max_length,
+        )
+    reference_norm = float(
+        torch.sqrt(((train_safe.reference * train_safe.mask.unsqueeze(-1)) ** 2).sum(dim=(1, 2))).mean()
+    )
+
+    # 4. The encoder tau_s being trained starts as tau. It stays in eval mode: dropout would make the utility term
+    # noisy around a deterministic reference, and without it a resumed run repeats an uninterrupted one exactly.
+    text_encoder.requires_grad_(True)
+    text_encoder.eval()
+    optimizer = torch.optim.AdamW(
+        text_encoder.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+
+    safe_batch = config.effective_safe_batch_size
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = max(
+        math.ceil(len(train_unsafe.prompts) / (config.train_batch_size * world)),
+        math.ceil(len(train_safe.prompts) / (safe_batch * world)),
+    )
+    total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+
+    checkpoints_dir = output_dir / "checkpoints"
+    start_step = 0
+    if resume and list_checkpoints(checkpoints_dir):
+        last = list_checkpoints(checkpoints_dir)[-1]
+        state = load_checkpoint(last, accelerator.unwrap_model(text_encoder), optimizer)
+        if state.get("fingerprint") != fingerprint:
+            raise SafeTextError(f"{last}: checkpoint of a different run; pass --overwrite to start again")
+        start_step = state["step"]
+        logger.info("resuming from %s (step %d of %d)", last, start_step, total_steps)
+    log_path = output_dir / LOG_FILE
+    if accelerator.is_main_process:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, start_step)
+
+    # 5. Train.
+    train_watch = Stopwatch()
+    permutations_unsafe, permutations_safe = {}, {}
+    progress = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="align",
+        disable=not (show_progress and accelerator.is_local_main_process),
+    )
+    last_terms = {}
+    for step in range(start_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        u_idx = _batch(
+            permutations_unsafe,
+            len(train_unsafe.prompts),
+            config.train_batch_size,
+            epoch,
+            step_in_epoch,
+            config.seed,
+            0,
+            rank,
+            world,
+        )
+        s_idx = _batch(
+            permutations_safe, len(train_safe.prompts), safe_batch, epoch, step_in_epoch, config.seed, 1, rank, world
+        )
+        with accelerator.autocast():
+            unsafe_emb = conditioner.encode(text_encoder, train_unsafe.tokens.select(u_idx))
+            safe_emb = conditioner.encode(text_encoder, train_safe.tokens.select(s_idx))
+        device = unsafe_emb.device
+        terms = safetext_loss(
+            safe_emb,
+            train_safe.reference[s_idx].to(device),
+            train_safe.mask[s_idx].to(device),
+            unsafe_emb,
+            train_unsafe.reference[u_idx].to(device),
+            train_unsafe.mask[u_idx].to(device),
+            effectiveness_weight=config.effectiveness_weight,
+            utility_distance=config.utility_distance,
+            effectiveness_distance=config.effectiveness_distance,
+            relative=config.distance_scale == "relative",
+        )
+        # One gather per step: every process sees every loss, so all of them stop together on a NaN.
+        gathered = accelerator.gather(
+            torch.stack([terms[k].detach() for k in ("utility_loss", "effectiveness_loss", "loss")]).unsqueeze(0)
+        )
+        if not torch.isfinite(gathered).all():
+            kept = list_checkpoints(checkpoints_dir)
+            where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been written yet"
+            raise SafeTextError(
+                f"the loss became NaN or infinite at step {step + 1}; stopped, {where}; "
+                "lower --learning-rate or use full precision"
+            )
+        accelerator.backward(terms["loss"])
+        grad_norm = None
+        if config.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(text_encoder.parameters(), config.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        mean_terms = gathered.float().mean(dim=0).tolist()
+        last_terms = dict(zip(("utility_loss", "effectiveness_loss", "loss"), mean_terms))
+        progress.update(1)
+        progress.set_postfix(L_u=f"{mean_terms[0]:.4f}", L_e=f"{mean_terms[1]:.4f}", loss=f"{mean_terms[2]:.4f}")
+        if accelerator.is_main_process and (done % config.log_every == 0 or done == total_steps):
+            entry = {
+                "step": done,
+                "epoch": epoch,
+                **last_terms,
+                "grad_norm": grad_norm,
+                "learning_rate": config.learning_rate,
+                "seconds": round(train_watch.seconds(), 3),
+            }
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        if (config.checkpointing_steps and done % config.checkpointing_steps == 0) or done == total_steps:
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    checkpoints_dir / f"checkpoint-{done}",
+                    accelerator.unwrap_model(text_encoder),
+                    optimizer,
+                    {"step": done, "fingerprint": fingerprint, "epoch": epoch},
+                )
+                prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
+            accelerator.wait_for_everyone()
+    progress.close()
+    train_seconds = train_watch.seconds()
+
+    # 6. Measure: embeddings of every split after alignment against the cached reference.
+    aligned = accelerator.unwrap_model(text_encoder)
+    aligned.requires_grad_(False)
+    after = {
+        name: conditioner.encode_all(aligned, g.tokens, config.eval_batch_size)
+        if g.tokens is not None
+        else g.reference
+        for name, g in groups.items()
+    }
+    before = {name: g.reference for name, g in groups.items()}
+    metrics = _before_after(_measure(groups, before), _measure(groups, after))
+    metrics["positions"] = config.positions
+
+    # 7. Export (main process only).
+    record = {
+        "format": "safetext.alignment/1",
+        "method": "SafeText (arXiv 2502.20623)",
+        "model": {**loaded.source, "family": loaded.family, "pipeline_involved": not loaded.bare},
+        "config": config.to_dict(),
+        "objective": {
+            "effectiveness_weight": config.effectiveness_weight,
+            "distance_scale": config.distance_scale,
+            # lambda expressed in the paper's raw units: with relative l2 the utility term is divided by the
+            # reference norm, so the same trade-off in absolute units is lambda times that norm.
+            "effectiveness_weight_absolute_units": config.effectiveness_weight
+            * (reference_norm if config.distance_scale == "relative" else 1.0),
+            "mean_reference_norm": reference_norm,
+        },
+        "data": {
+            "unsafe": unsafe_summary,
+            "safe": safe_summary,
+            "safe_prompts_removed_as_unsafe": overlap_removed,
+            "truncated_prompts": truncated,
+            "heldout_fraction": config.heldout_fraction,
+        },
+        "metrics": metrics,
+        "training": {
+            "steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "resumed_from_step": start_step,
+            "final_losses": last_terms,
+            "num_processes": world,
+        },
+        "cost": {
+            "wall_seconds": None,
+            "train_seconds": train_seconds,
+            "seconds_per_step": train_seconds / max(total_steps - start_step, 1),
+            "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+            "device": device_description(accelerator.device),
+        },
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "fingerprint": fingerprint,
+    }
+    if accelerator.is_main_process:
+        from safetext.export import export_alignment
+
+        record["cost"]["wall_seconds"] = stopwatch.seconds()
+        export_alignment(
+            output_dir,
+            aligned,
+            tokenizer,
+            record,
+            export_pipeline=export_pipeline,
+            base=pretrained_model_name_or_path,
+            revision=revision,
+        )
+    accelerator.wait_for_everyone()
+    return AlignmentResult(output_dir=output_dir, record=record)
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """Drops log lines past the step a run resumes from, so the log reads like one uninterrupted run."""
+    if not log_path.is_file():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    log_path.write_text("".join(line + "\n" for line in kept))

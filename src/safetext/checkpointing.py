@@ -1,0 +1,91 @@
+"""Resumable training checkpoints written as safetensors and JSON, never pickles.
+
+A checkpoint is a folder `checkpoint-<step>/` holding the encoder weights (`model.safetensors`), the optimizer's
+tensors (`optimizer.safetensors`) with its remaining state in `optimizer.json`, and `training_state.json`, which is
+written last: a folder without it is incomplete and ignored. Folders are written under a temporary name and
+renamed into place, so an interrupted save never leaves a half-written checkpoint behind a valid name.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+STATE_FILE = "training_state.json"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def _split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer, training_state: dict):
+    """Writes a complete checkpoint folder atomically."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    tensors, meta = _split_optimizer_state(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    write_json_atomic(tmp / "optimizer.json", meta)
+    write_json_atomic(tmp / STATE_FILE, training_state)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def load_checkpoint(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restores model and optimizer from a checkpoint folder; returns its training state."""
+    directory = Path(directory)
+    load_model(model, str(directory / "model.safetensors"))
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    meta = json.loads((directory / "optimizer.json").read_text())
+    optimizer.load_state_dict(_join_optimizer_state(tensors, meta))
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def list_checkpoints(checkpoints_dir) -> list[Path]:
+    """Complete checkpoints in a folder, oldest first."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoints_dir.glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(checkpoints_dir, keep: int | None) -> None:
+    """Deletes the oldest complete checkpoints beyond `keep`."""
+    if keep is None:
+        return
+    for path in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(path)

@@ -1,0 +1,178 @@
+"""The `safetext` command line: each subcommand parses its flags and makes one library call."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from safetext.errors import SafeTextError
+
+logger = logging.getLogger("safetext")
+
+
+def _add_align(subparsers) -> None:
+    from safetext.config import DISTANCE_SCALES, DISTANCES, MIXED_PRECISION, POSITIONS, AlignmentConfig
+
+    defaults = AlignmentConfig()
+    p = subparsers.add_parser("align", help="align a model's text encoder with SafeText")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder or Hub id, or a bare text encoder")
+    p.add_argument("--revision", default=None, help="Hub revision of the model")
+    p.add_argument("--unsafe", action="append", required=True, metavar="FILE", help="unsafe prompts (.txt/.csv)")
+    p.add_argument("--safe", action="append", required=True, metavar="FILE", help="safe prompts (.txt/.csv)")
+    p.add_argument(
+        "--unsafe-category",
+        default=None,
+        help="keep only unsafe CSV rows whose 'categories' contain this (e.g. sexual on I2P)",
+    )
+    p.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts of each file")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--epochs", type=int, default=defaults.num_train_epochs, help="passes over the training data")
+    p.add_argument("--max-train-steps", type=int, default=None, help="stop after N steps (overrides --epochs)")
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument(
+        "--effectiveness-weight",
+        type=float,
+        default=defaults.effectiveness_weight,
+        help="lambda in L_u - lambda * L_e",
+    )
+    p.add_argument("--train-batch-size", type=int, default=defaults.train_batch_size, help="unsafe prompts per step")
+    p.add_argument("--safe-batch-size", type=int, default=None, help="safe prompts per step (default: same)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction)
+    p.add_argument("--positions", choices=POSITIONS, default=defaults.positions)
+    p.add_argument("--utility-distance", choices=DISTANCES, default=defaults.utility_distance)
+    p.add_argument("--effectiveness-distance", choices=DISTANCES, default=defaults.effectiveness_distance)
+    p.add_argument("--distance-scale", choices=DISTANCE_SCALES, default=defaults.distance_scale)
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision)
+    p.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
+    p.add_argument("--checkpointing-steps", type=int, default=defaults.checkpointing_steps)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--export-pipeline", action="store_true", help="also write a complete pipeline to OUT/pipeline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_align)
+
+
+def _set_name(path: str, taken: set) -> str:
+    name = Path(path).stem
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _run_align(args) -> int:
+    from safetext.alignment import align
+    from safetext.config import AlignmentConfig
+    from safetext.prompts import read_prompts
+
+    try:
+        config = AlignmentConfig(
+            effectiveness_weight=args.effectiveness_weight,
+            utility_distance=args.utility_distance,
+            effectiveness_distance=args.effectiveness_distance,
+            positions=args.positions,
+            distance_scale=args.distance_scale,
+            learning_rate=args.learning_rate,
+            num_train_epochs=args.epochs,
+            max_train_steps=args.max_train_steps,
+            train_batch_size=args.train_batch_size,
+            safe_batch_size=args.safe_batch_size,
+            max_grad_norm=args.max_grad_norm,
+            seed=args.seed,
+            heldout_fraction=args.heldout_fraction,
+            mixed_precision=args.mixed_precision,
+            checkpointing_steps=args.checkpointing_steps,
+        )
+    except ValueError as error:
+        raise SafeTextError(str(error)) from None
+    taken: set = set()
+    unsafe = {_set_name(f, taken): read_prompts(f, args.unsafe_category, args.max_prompts) for f in args.unsafe}
+    safe = {_set_name(f, taken): read_prompts(f, None, args.max_prompts) for f in args.safe}
+    result = align(
+        args.model,
+        unsafe,
+        safe,
+        args.out,
+        config,
+        revision=args.revision,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        export_pipeline=args.export_pipeline,
+        show_progress=not args.no_progress,
+    )
+    held = result.metrics["heldout"]
+    line = [f"aligned encoder written to {result.output_dir}"]
+    if "unsafe_cosine" in held:
+        line.append(f"held-out unsafe cosine {held['unsafe_cosine']['after']:.3f}")
+    if "safe_relative_drift" in held:
+        line.append(f"held-out safe drift {held['safe_relative_drift']['after']:.3f}")
+    print("; ".join(line))
+    return 0
+
+
+def _add_tiny_model(subparsers) -> None:
+    p = subparsers.add_parser("tiny-model", help="write a tiny random pipeline with the real tokenizer, offline")
+    p.add_argument("--family", default="sd", help="pipeline family (sd: SD 1.x-shaped)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_tiny_model)
+
+
+def _run_tiny_model(args) -> int:
+    from safetext.tiny_models import create_tiny_pipeline
+
+    path = create_tiny_pipeline(args.out, family=args.family, seed=args.seed, overwrite=args.overwrite)
+    print(f"tiny {args.family} pipeline written to {path}")
+    return 0
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports bad arguments by raising, so that main() prints one line and returns 2 instead of exiting."""
+
+    def error(self, message):
+        raise _ArgumentError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="safetext", description="Safe text-to-image models by aligning the text encoder (SafeText).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_align(subparsers)
+    _add_tiny_model(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Runs the command line; returns the exit code (0 success, 2 bad input, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _ArgumentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_request:  # --help
+        return int(exit_request.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "accelerate", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.run(args)
+    except SafeTextError as error:
+        print(f"safetext: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safetext: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Configuration of a SafeText alignment run: every knob, with its paper symbol where it has one."""
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+DISTANCES = ("l2", "squared_l2", "cosine", "negcosine")
+POSITIONS = ("all", "no_bos", "prompt")
+DISTANCE_SCALES = ("relative", "absolute")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
+
+
+def _check_range(name, value, low, high, low_inclusive=True, high_inclusive=True):
+    ok_low = value >= low if low_inclusive else value > low
+    ok_high = value <= high if high_inclusive else value < high
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok_low and ok_high):
+        lo = "[" if low_inclusive else "("
+        hi = "]" if high_inclusive else ")"
+        raise ValueError(f"{name}={value!r} is out of range; it must lie in {lo}{low}, {high}{hi}")
+
+
+@dataclass
+class AlignmentConfig:
+    """Settings of one SafeText alignment run.
+
+    The objective is `L_u - lambda * L_e` (SafeText, arXiv 2502.20623): L_u holds the embeddings of safe prompts
+    where the original encoder put them, L_e pushes the embeddings of unsafe prompts away from theirs.
+
+    Defaults were chosen by measurement on a real pretrained encoder (see `docs/defaults.md`).
+    """
+
+    effectiveness_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight of the effectiveness term, lambda in the objective L_u - lambda * L_e. With "
+            "distance_scale='relative' it is comparable across encoders."
+        },
+    )
+    utility_distance: str = field(
+        default="l2", metadata={"help": f"distance d_u of the utility term, one of {DISTANCES} (paper: l2)"}
+    )
+    effectiveness_distance: str = field(
+        default="negcosine",
+        metadata={"help": f"distance d_e of the effectiveness term, one of {DISTANCES} (paper: negcosine)"},
+    )
+    positions: str = field(
+        default="no_bos",
+        metadata={
+            "help": "token positions of the 77 x d conditioning tensor that enter both distances: 'all', "
+            "'no_bos' (every position but the constant BOS one) or 'prompt' (the prompt's own tokens through EOS)"
+        },
+    )
+    distance_scale: str = field(
+        default="relative",
+        metadata={
+            "help": "'relative' divides l2 distances by the norm of the reference embedding, so that L_u is "
+            "unit-free like a cosine and lambda carries over between encoders; 'absolute' is the paper's raw distance"
+        },
+    )
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
+    num_train_epochs: int = field(
+        default=8, metadata={"help": "passes over the larger of the two training sets (the smaller one cycles)"}
+    )
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "stop after this many optimizer steps; overrides num_train_epochs"}
+    )
+    train_batch_size: int = field(default=8, metadata={"help": "unsafe prompts per step and process"})
+    safe_batch_size: int | None = field(
+        default=None, metadata={"help": "safe prompts per step and process (default: train_batch_size)"}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "clip the gradient to this global norm (None: no clipping)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
+    heldout_fraction: float = field(
+        default=0.1, metadata={"help": "share of each prompt set kept out of training for evaluation"}
+    )
+    mixed_precision: str = field(
+        default="no", metadata={"help": f"one of {MIXED_PRECISION}; the reference embeddings stay float32"}
+    )
+    checkpointing_steps: int = field(
+        default=500, metadata={"help": "save a resumable checkpoint every this many steps (0: only at the end)"}
+    )
+    checkpoints_total_limit: int | None = field(
+        default=2, metadata={"help": "keep at most this many checkpoints (None: keep all)"}
+    )
+    log_every: int = field(default=1, metadata={"help": "write the loss terms to the JSONL log every N steps"})
+    eval_batch_size: int = field(default=32, metadata={"help": "prompts per forward pass when computing embeddings"})
+
+    def __post_init__(self):
+        _check_range("effectiveness_weight", self.effectiveness_weight, 0.0, math.inf, high_inclusive=False)
+        _check_choice("utility_distance", self.utility_distance, DISTANCES)
+        _check_choice("effectiveness_distance", self.effectiveness_distance, DISTANCES)
+        _check_choice("positions", self.positions, POSITIONS)
+        _check_choice("distance_scale", self.distance_scale, DISTANCE_SCALES)
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
+        _check_range("heldout_fraction", self.heldout_fraction, 0.0, 1.0, high_inclusive=False)
+        _check_range("adam_beta1", self.adam_beta1, 0.0, 1.0, high_inclusive=False)
+        _check_range("adam_beta2", self.adam_beta2, 0.0, 1.0, high_inclusive=False)
+        _check_range("adam_epsilon", self.adam_epsilon, 0.0, 1.0, low_inclusive=False)
+        _check_range("weight_decay", self.weight_decay, 0.0, math.inf, high_inclusive=False)
+        for name in ("num_train_epochs", "train_batch_size", "log_every", "eval_batch_size"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("max_train_steps", "safe_batch_size", "checkpoints_total_limit"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if not isinstance(self.checkpointing_steps, int) or self.checkpointing_steps < 0:
+            raise ValueError(f"checkpointing_steps={self.checkpointing_steps!r} must be a whole number >= 0")
+        if self.max_grad_norm is not None:
+            _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_inclusive=False)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a whole number >= 0")
+
+    @property
+    def effective_safe_batch_size(self) -> int:
+        return self.safe_batch_size or self.train_batch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AlignmentConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown alignment settings: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a whole number >= 1")

@@ -1,0 +1,159 @@
+"""Writing an aligned encoder in the ecosystem's layout: `text_encoder/`, `tokenizer/`, a record and a model card."""
+
+import shutil
+from pathlib import Path
+
+from safetext.checkpointing import write_json_atomic
+from safetext.errors import SafeTextError
+
+
+def _replace_dir(target: Path, write) -> None:
+    """Writes a folder under a temporary name, then swaps it in, so a crash never leaves half a folder."""
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def export_alignment(
+    output_dir,
+    text_encoder,
+    tokenizer,
+    record: dict,
+    *,
+    export_pipeline: bool = False,
+    base=None,
+    revision: str | None = None,
+) -> None:
+    """Writes `text_encoder/` (safetensors), `tokenizer/`, `safetext.json` and `README.md` into output_dir.
+
+    With `export_pipeline`, also writes `pipeline/`: the base pipeline with the aligned encoder, which
+    `DiffusionPipeline.from_pretrained(output_dir / "pipeline")` opens directly.
+    """
+    output_dir = Path(output_dir)
+    _replace_dir(output_dir / "text_encoder", lambda d: text_encoder.save_pretrained(d, safe_serialization=True))
+    _replace_dir(output_dir / "tokenizer", lambda d: tokenizer.save_pretrained(d))
+    if export_pipeline:
+        if not record["model"]["pipeline_involved"]:
+            raise SafeTextError("--export-pipeline needs a diffusers pipeline as the base model, not a bare encoder")
+        record["pipeline_dir"] = "pipeline"
+        _replace_dir(output_dir / "pipeline", lambda d: _write_pipeline(d, base, revision, text_encoder, tokenizer))
+    (output_dir / "README.md").write_text(model_card(record))
+    write_json_atomic(output_dir / "safetext.json", record)
+
+
+def _write_pipeline(directory: Path, base, revision, text_encoder, tokenizer) -> None:
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(
+        base, revision=revision, text_encoder=text_encoder, tokenizer=tokenizer, use_safetensors=True
+    )
+    pipeline.save_pretrained(directory, safe_serialization=True)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def model_card(record: dict) -> str:
+    """A model card (README.md) for an aligned encoder: what was done, the metrics, the threat model."""
+    model = record["model"]
+    metrics = record["metrics"]
+    config = record["config"]
+    rows = []
+    for split in ("heldout", "train"):
+        for key, label in (
+            ("unsafe_cosine", "unsafe prompts: cosine to the original embedding"),
+            ("safe_relative_drift", "safe prompts: relative drift from the original"),
+        ):
+            value = metrics[split].get(key)
+            if value is not None:
+                rows.append(f"| {split} | {label} | {_fmt(value['before'])} | {_fmt(value['after'])} |")
+    by_set = []
+    for name, values in metrics["heldout"]["by_set"].items():
+        for key, value in values.items():
+            by_set.append(f"| `{name}` | {key} | {_fmt(value['after'])} |")
+    data_lines = []
+    for side in ("unsafe", "safe"):
+        for name, summary in record["data"][side].items():
+            data_lines.append(
+                f"| {side} | `{name}` | {summary.get('train')} | {summary.get('heldout')} | "
+                f"`{str(summary.get('sha256', ''))[:16]}` |"
+            )
+    load_line = (
+        'CLIPTextModel.from_pretrained("{this folder}", subfolder="text_encoder")'
+        if model["pipeline_involved"]
+        else 'AutoModel.from_pretrained("{this folder}", subfolder="text_encoder")'
+    )
+    cost = record["cost"]
+    return f"""---
+library_name: transformers
+tags:
+- safetext
+- text-encoder
+- safety
+---
+# SafeText-aligned text encoder
+
+This folder holds a text encoder aligned with **SafeText** (Hu, Jiang and Gong, arXiv 2502.20623) by the
+`safetext` package: starting from `{model["pretrained_model_name_or_path"]}` (text encoder sha256
+`{model["text_encoder_sha256"][:16]}`), the encoder was fine-tuned so that the embeddings of unsafe prompts move
+away from where the original encoder put them (negative cosine) while the embeddings of safe prompts stay in
+place (Euclidean distance), minimising `L_u - lambda * L_e` with lambda = {config["effectiveness_weight"]}
+({config["distance_scale"]} distances, positions `{config["positions"]}`). Only the text encoder changed; use it
+with the original diffusion model. {
+        "No diffusion pipeline was involved: the alignment acted on embeddings only."
+        if not model["pipeline_involved"]
+        else ""
+    }
+
+## Use
+
+```python
+from transformers import CLIPTextModel
+from diffusers import StableDiffusionPipeline
+
+text_encoder = {load_line}
+pipe = StableDiffusionPipeline.from_pretrained("{model["pretrained_model_name_or_path"]}", text_encoder=text_encoder)
+```
+
+## Embedding metrics
+
+Measured by `safetext align` on prompts held out of training and on the training prompts.
+
+| split | metric | before | after |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+Held-out, per prompt file:
+
+| set | metric | after |
+|---|---|---|
+{chr(10).join(by_set)}
+
+These are embedding metrics only. Whether images lose the unsafe content, and how much safe images change, is
+measured by generating images and evaluating them (removal rate, LPIPS, FID).
+
+## Data
+
+| side | file | train | held-out | sha256 |
+|---|---|---|---|---|
+{chr(10).join(data_lines)}
+
+## Cost
+
+{record["training"]["steps"]} steps in {cost["train_seconds"]:.1f} s on {cost["device"]["type"]}
+({record["training"]["num_processes"]} process(es)); peak resident memory
+{cost["peak_memory_bytes"]["cpu_max_rss"] / 2**20:.0f} MiB.
+
+## Threat model and limits
+
+- The alignment protects a deployment in which users send prompts to a model they do not control. Whoever
+  holds these weights can swap the original text encoder back, or fine-tune this one, and undo the alignment.
+- Prompts unlike the unsafe training prompts (other wordings, other languages, adversarial prompts found by
+  optimisation against this encoder) may still produce unsafe images; measure them before relying on it.
+- The full settings, data provenance and package versions are in `safetext.json`.
+"""

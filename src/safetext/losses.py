@@ -1,0 +1,97 @@
+"""The SafeText objective as pure functions on tensors.
+
+SafeText (Hu, Jiang and Gong, arXiv 2502.20623) fine-tunes the text encoder tau_s, initialised from the original
+encoder tau, to minimise
+
+    L = L_u - lambda * L_e
+    L_u = mean_{p in D_s} d_u(tau_s(p), tau(p))      (utility: safe prompts stay where they were)
+    L_e = mean_{p in D_u} d_e(tau_s(p), tau(p))      (effectiveness: unsafe prompts move away)
+
+with d_u the Euclidean distance and d_e the negative cosine similarity in the paper. Embeddings here are the
+conditioning tensors the diffusion model consumes, shape [batch, tokens, dim]; a boolean mask [batch, tokens]
+selects the token positions that enter the distance, and the selected positions of one prompt are flattened
+into one vector.
+"""
+
+import torch
+
+# Keeps the gradient of sqrt finite where the aligned and reference embeddings coincide (at step 0).
+_EPS = 1e-12
+
+
+def embedding_distance(
+    embeddings: torch.Tensor,
+    reference: torch.Tensor,
+    mask: torch.Tensor,
+    distance: str = "l2",
+    relative: bool = False,
+) -> torch.Tensor:
+    """Distance between each embedding and its reference over the masked token positions.
+
+    Args:
+        embeddings: [batch, tokens, dim], the aligned encoder's output tau_s(p).
+        reference: [batch, tokens, dim], the original encoder's output tau(p).
+        mask: [batch, tokens], true at the positions that count.
+        distance: `l2` (Euclidean), `squared_l2`, `cosine` (1 - cosine similarity) or `negcosine`
+            (minus the cosine similarity, d_e in the paper).
+        relative: divide `l2` by the reference's norm (and `squared_l2` by its square) over the same positions,
+            which makes the distance unit-free; it has no effect on the cosine distances.
+
+    Returns:
+        [batch] distances, computed in float32.
+    """
+    x = embeddings.float()
+    y = reference.float()
+    m = mask.to(x.dtype).unsqueeze(-1)
+    if distance in ("l2", "squared_l2"):
+        squared = (((x - y) * m) ** 2).sum(dim=(1, 2))
+        if relative:
+            squared = squared / ((y * m) ** 2).sum(dim=(1, 2)).clamp_min(_EPS)
+        return squared if distance == "squared_l2" else torch.sqrt(squared + _EPS)
+    if distance in ("cosine", "negcosine"):
+        dot = (x * y * m).sum(dim=(1, 2))
+        norm_x = torch.sqrt(((x * m) ** 2).sum(dim=(1, 2)) + _EPS)
+        norm_y = torch.sqrt(((y * m) ** 2).sum(dim=(1, 2)) + _EPS)
+        cosine = dot / (norm_x * norm_y)
+        return 1.0 - cosine if distance == "cosine" else -cosine
+    raise ValueError(f"distance={distance!r} is not supported; choose one of l2, squared_l2, cosine, negcosine")
+
+
+def utility_loss(embeddings, reference, mask, distance="l2", relative=False) -> torch.Tensor:
+    """L_u: the mean distance of the safe prompts' embeddings from the original ones (eq. of L_u in the paper)."""
+    return embedding_distance(embeddings, reference, mask, distance, relative).mean()
+
+
+def effectiveness_loss(embeddings, reference, mask, distance="negcosine", relative=False) -> torch.Tensor:
+    """L_e: the mean distance of the unsafe prompts' embeddings from the original ones (to be made large)."""
+    return embedding_distance(embeddings, reference, mask, distance, relative).mean()
+
+
+def safetext_loss(
+    safe_embeddings: torch.Tensor,
+    safe_reference: torch.Tensor,
+    safe_mask: torch.Tensor,
+    unsafe_embeddings: torch.Tensor,
+    unsafe_reference: torch.Tensor,
+    unsafe_mask: torch.Tensor,
+    effectiveness_weight: float,
+    utility_distance: str = "l2",
+    effectiveness_distance: str = "negcosine",
+    relative: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The SafeText objective L = L_u - lambda * L_e.
+
+    Args:
+        safe_embeddings, safe_reference, safe_mask: aligned and original embeddings of safe prompts, and the mask.
+        unsafe_embeddings, unsafe_reference, unsafe_mask: the same for unsafe prompts.
+        effectiveness_weight: lambda.
+        utility_distance: d_u (paper: `l2`).
+        effectiveness_distance: d_e (paper: `negcosine`).
+        relative: measure l2 distances relative to the reference's norm (see `embedding_distance`).
+
+    Returns:
+        A dict with `utility_loss` (L_u), `effectiveness_loss` (L_e) and `loss` (the total to minimise).
+    """
+    l_u = utility_loss(safe_embeddings, safe_reference, safe_mask, utility_distance, relative)
+    l_e = effectiveness_loss(unsafe_embeddings, unsafe_reference, unsafe_mask, effectiveness_distance, relative)
+    return {"utility_loss": l_u, "effectiveness_loss": l_e, "loss": l_u - effectiveness_weight * l_e}

@@ -1,0 +1,71 @@
+"""What a result record says about where it came from: package versions, git commit, device, cost."""
+
+import platform
+import resource
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("safetext", "torch", "transformers", "diffusers", "accelerate", "safetensors", "peft", "numpy")
+
+
+def package_versions(names=PACKAGES) -> dict:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the safetext source tree when it runs from a git checkout, else None."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def device_description(device: torch.device) -> dict:
+    info = {"type": device.type, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["count"] = torch.cuda.device_count()
+    return info
+
+
+def peak_memory_bytes(device: torch.device) -> dict:
+    """Peak resident memory of this process and, on CUDA, the peak memory allocated by torch."""
+    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    peak = {"cpu_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    if device.type == "cuda":
+        peak["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+    return peak
+
+
+class Stopwatch:
+    """Wall time since creation, in seconds."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
