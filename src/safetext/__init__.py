@@ -25,7 +25,21 @@ _EXPORTS = {
     "create_tiny_pipeline": "safetext.tiny_models",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "AlignmentConfig",
+    "AlignmentResult",
+    "PromptSet",
+    "SafeTextError",
+    "TextConditioner",
+    "__version__",
+    "align",
+    "build_clip_tokenizer",
+    "create_tiny_pipeline",
+    "embedding_metrics",
+    "load_text_encoder",
+    "read_prompts",
+    "safetext_loss",
+]
 
 
 def __getattr__(name):
