@@ -88,7 +88,11 @@ def _split_sets(sets: dict[str, PromptSet], fraction: float, seed: int) -> tuple
         for group, part in ((train, train_set), (heldout, heldout_set)):
             group.prompts += part.prompts
             group.set_names += [name] * len(part)
-        summary[name] = dict(prompt_set.source, train=len(train_set), heldout=len(heldout_set))
+        # The hash of the prompts actually used identifies in-memory sets too, which have no file to hash.
+        prompts_sha256 = hashlib.sha256("\n".join(prompt_set.prompts).encode()).hexdigest()
+        summary[name] = dict(
+            prompt_set.source, prompts_sha256=prompts_sha256, train=len(train_set), heldout=len(heldout_set)
+        )
     return train, heldout, summary
 
 
@@ -245,6 +249,9 @@ def align(
 
     # 2. The tokenizer and the text encoder only; the encoder as loaded is the frozen reference tau.
     loaded = load_text_encoder(pretrained_model_name_or_path, revision=revision)
+    if export_pipeline and loaded.bare:
+        # Checked before training, not at export time, so that the refusal does not cost a whole run.
+        raise SafeTextError("--export-pipeline needs a diffusers pipeline as the base model, not a bare encoder")
     tokenizer, text_encoder = loaded.tokenizer, loaded.text_encoder
     conditioner = TextConditioner.for_encoder(tokenizer, text_encoder, bare=loaded.bare)
     fingerprint = _fingerprint(loaded.source, config, groups)

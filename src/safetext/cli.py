@@ -87,6 +87,11 @@ def _run_align(args) -> int:
         )
     except ValueError as error:
         raise SafeTextError(str(error)) from None
+    # transformers draws a bar for every weight load and save; on bad input it would stand before the one-line
+    # error, so the command shows only the alignment's own bar.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     taken: set = set()
     unsafe = {_set_name(f, taken): read_prompts(f, args.unsafe_category, args.max_prompts) for f in args.unsafe}
     safe = {_set_name(f, taken): read_prompts(f, None, args.max_prompts) for f in args.safe}

@@ -41,6 +41,9 @@ def export_alignment(
             raise SafeTextError("--export-pipeline needs a diffusers pipeline as the base model, not a bare encoder")
         record["pipeline_dir"] = "pipeline"
         _replace_dir(output_dir / "pipeline", lambda d: _write_pipeline(d, base, revision, text_encoder, tokenizer))
+    elif (output_dir / "pipeline").is_dir():
+        # left by an earlier export of this run (resumed without --export-pipeline): it holds an older encoder
+        shutil.rmtree(output_dir / "pipeline")
     (output_dir / "README.md").write_text(model_card(record))
     write_json_atomic(output_dir / "safetext.json", record)
 

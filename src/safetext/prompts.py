@@ -179,9 +179,10 @@ def remove_overlap(safe: PromptSet, unsafe: PromptSet) -> tuple[PromptSet, list[
 def split_heldout(prompt_set: PromptSet, fraction: float, seed: int) -> tuple[PromptSet, PromptSet]:
     """Splits a set into (train, held-out) deterministically.
 
-    A prompt's side depends only on its text and the seed (it is ranked by sha256 of `seed:prompt`), so adding
-    prompts to a file never moves existing prompts across the split. At least one prompt stays on each side
-    when the set has two or more and `fraction` > 0.
+    Prompts are ranked by sha256 of `seed:prompt` and the first `round(fraction * n)` are held out, so the split
+    depends only on which prompts the set holds and the seed, not on their order. Adding prompts can move an
+    existing prompt from the held-out side to training (a new prompt may outrank it). At least one prompt stays on
+    each side when the set has two or more and `fraction` > 0.
     """
     n = len(prompt_set)
     n_heldout = round(fraction * n)

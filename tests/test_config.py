@@ -1,0 +1,109 @@
+import json
+import math
+
+import pytest
+
+from safetext.config import DISTANCE_SCALES, DISTANCES, MIXED_PRECISION, POSITIONS, AlignmentConfig
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("positions", "everything", POSITIONS),
+        ("utility_distance", "l1", DISTANCES),
+        ("effectiveness_distance", "dot", DISTANCES),
+        ("distance_scale", "log", DISTANCE_SCALES),
+        ("mixed_precision", "fp8", MIXED_PRECISION),
+    ],
+)
+def test_bad_choice_names_the_value_and_the_allowed_ones(name, value, allowed):
+    with pytest.raises(ValueError) as error:
+        AlignmentConfig(**{name: value})
+    message = str(error.value)
+    assert f"{name}={value!r}" in message
+    assert all(option in message for option in allowed)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("learning_rate", 0.0, "(0.0, 1.0]"),
+        ("learning_rate", -1e-4, "(0.0, 1.0]"),
+        ("learning_rate", 2.0, "(0.0, 1.0]"),
+        ("learning_rate", math.nan, "(0.0, 1.0]"),
+        ("effectiveness_weight", -0.5, "[0.0, inf)"),
+        ("effectiveness_weight", math.inf, "[0.0, inf)"),
+        ("heldout_fraction", 1.0, "[0.0, 1.0)"),
+        ("heldout_fraction", -0.1, "[0.0, 1.0)"),
+        ("adam_beta1", 1.0, "[0.0, 1.0)"),
+        ("adam_beta2", -0.1, "[0.0, 1.0)"),
+        ("adam_epsilon", 0.0, "(0.0, 1.0]"),
+        ("weight_decay", -1.0, "[0.0, inf)"),
+        ("max_grad_norm", 0.0, "(0.0, inf"),
+        ("num_train_epochs", 0, ">= 1"),
+        ("train_batch_size", 0, ">= 1"),
+        ("train_batch_size", 2.5, ">= 1"),
+        ("train_batch_size", True, ">= 1"),
+        ("max_train_steps", 0, ">= 1"),
+        ("safe_batch_size", -3, ">= 1"),
+        ("checkpoints_total_limit", 0, ">= 1"),
+        ("log_every", 0, ">= 1"),
+        ("eval_batch_size", 0, ">= 1"),
+        ("checkpointing_steps", -1, ">= 0"),
+        ("seed", -1, ">= 0"),
+    ],
+)
+def test_bad_number_names_the_value_and_the_allowed_range(name, value, allowed):
+    with pytest.raises(ValueError) as error:
+        AlignmentConfig(**{name: value})
+    message = str(error.value)
+    assert f"{name}={value!r}" in message
+    assert allowed in message
+
+
+def test_optional_settings_accept_none():
+    config = AlignmentConfig(
+        max_train_steps=None, safe_batch_size=None, checkpoints_total_limit=None, max_grad_norm=None
+    )
+    assert config.effective_safe_batch_size == config.train_batch_size
+
+
+def test_safe_batch_size_defaults_to_the_unsafe_one():
+    assert AlignmentConfig(train_batch_size=4).effective_safe_batch_size == 4
+    assert AlignmentConfig(train_batch_size=4, safe_batch_size=6).effective_safe_batch_size == 6
+
+
+def test_dict_round_trip_through_json():
+    config = AlignmentConfig(
+        effectiveness_weight=0.3,
+        utility_distance="squared_l2",
+        effectiveness_distance="cosine",
+        positions="prompt",
+        distance_scale="absolute",
+        learning_rate=2e-4,
+        max_train_steps=7,
+        safe_batch_size=3,
+        max_grad_norm=None,
+        seed=11,
+    )
+    values = json.loads(json.dumps(config.to_dict()))
+    assert AlignmentConfig.from_dict(values) == config
+    assert AlignmentConfig.from_dict(AlignmentConfig().to_dict()) == AlignmentConfig()
+
+
+def test_unknown_keys_are_refused_by_name():
+    values = dict(AlignmentConfig().to_dict(), lr=1e-3, batch=4)
+    with pytest.raises(ValueError, match="unknown alignment settings: batch, lr"):
+        AlignmentConfig.from_dict(values)
+
+
+def test_from_dict_validates_values():
+    with pytest.raises(ValueError, match="positions='middle'"):
+        AlignmentConfig.from_dict({"positions": "middle"})
+
+
+def test_every_field_has_help_text():
+    from dataclasses import fields
+
+    missing = [f.name for f in fields(AlignmentConfig) if not f.metadata.get("help")]
+    assert missing == []
