@@ -103,8 +103,11 @@ def _fingerprint(loaded_source: dict, config: AlignmentConfig, groups: dict[str,
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _claim_output_dir(output_dir: Path, fingerprint: str, resume: bool, overwrite: bool) -> None:
-    """Decides whether this run may write into output_dir; refuses anything that would lose other work."""
+def _check_output_dir(output_dir: Path, fingerprint: str, resume: bool, overwrite: bool) -> None:
+    """Decides whether this run may write into output_dir; refuses anything that would lose other work.
+
+    Only reads: every process runs it, so that all of them stop together on a refusal.
+    """
     if output_dir.exists() and not output_dir.is_dir():
         raise SafeTextError(f"{output_dir}: exists and is not a folder")
     contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
@@ -113,15 +116,9 @@ def _claim_output_dir(output_dir: Path, fingerprint: str, resume: bool, overwrit
         return
     if not run_file.is_file():
         raise SafeTextError(f"{output_dir}: not empty and holds no safetext run; choose an empty or new folder")
-    previous = json.loads(run_file.read_text()).get("fingerprint")
     if overwrite:
-        for name in RUN_ARTIFACTS:
-            path = output_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
         return
+    previous = json.loads(run_file.read_text()).get("fingerprint")
     if previous != fingerprint:
         raise SafeTextError(
             f"{output_dir}: holds a different run (other model, data or settings); "
@@ -129,6 +126,15 @@ def _claim_output_dir(output_dir: Path, fingerprint: str, resume: bool, overwrit
         )
     if not resume:
         raise SafeTextError(f"{output_dir}: already holds this run; pass --resume to continue it or --overwrite")
+
+
+def _clear_previous_run(output_dir: Path) -> None:
+    for name in RUN_ARTIFACTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _batch(
@@ -255,8 +261,11 @@ def align(
     tokenizer, text_encoder = loaded.tokenizer, loaded.text_encoder
     conditioner = TextConditioner.for_encoder(tokenizer, text_encoder, bare=loaded.bare)
     fingerprint = _fingerprint(loaded.source, config, groups)
+    _check_output_dir(output_dir, fingerprint, resume, overwrite)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _claim_output_dir(output_dir, fingerprint, resume, overwrite)
+        if overwrite:
+            _clear_previous_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / RUN_FILE, {"fingerprint": fingerprint, "model": loaded.source})
     accelerator.wait_for_everyone()
@@ -313,6 +322,10 @@ def align(
         if state.get("fingerprint") != fingerprint:
             raise SafeTextError(f"{last}: checkpoint of a different run; pass --overwrite to start again")
         start_step = state["step"]
+        if start_step > total_steps:
+            raise SafeTextError(
+                f"{last}: the run is already at step {start_step}, beyond the {total_steps} steps asked for now"
+            )
         logger.info("resuming from %s (step %d of %d)", last, start_step, total_steps)
     log_path = output_dir / LOG_FILE
     if accelerator.is_main_process:

@@ -17,8 +17,10 @@ def _add_align(subparsers) -> None:
     p = subparsers.add_parser("align", help="align a model's text encoder with SafeText")
     p.add_argument("--model", required=True, help="diffusers pipeline folder or Hub id, or a bare text encoder")
     p.add_argument("--revision", default=None, help="Hub revision of the model")
-    p.add_argument("--unsafe", action="append", required=True, metavar="FILE", help="unsafe prompts (.txt/.csv)")
-    p.add_argument("--safe", action="append", required=True, metavar="FILE", help="safe prompts (.txt/.csv)")
+    p.add_argument("--unsafe", action="append", default=[], metavar="FILE", help="unsafe prompts (.txt/.csv)")
+    p.add_argument("--safe", action="append", default=[], metavar="FILE", help="safe prompts (.txt/.csv)")
+    p.add_argument("--recipe", default=None, help="a named data recipe (nudity); --unsafe/--safe files are added")
+    p.add_argument("--data-dir", default=None, help="folder of the public prompt files a recipe reads")
     p.add_argument(
         "--unsafe-category",
         default=None,
@@ -66,6 +68,7 @@ def _run_align(args) -> int:
     from safetext.alignment import align
     from safetext.config import AlignmentConfig
     from safetext.prompts import read_prompts
+    from safetext.recipes import load_recipe
 
     try:
         config = AlignmentConfig(
@@ -92,9 +95,14 @@ def _run_align(args) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    taken: set = set()
-    unsafe = {_set_name(f, taken): read_prompts(f, args.unsafe_category, args.max_prompts) for f in args.unsafe}
-    safe = {_set_name(f, taken): read_prompts(f, None, args.max_prompts) for f in args.safe}
+    unsafe, safe = {}, {}
+    if args.recipe:
+        unsafe, safe = load_recipe(args.recipe, args.data_dir)
+    if not (unsafe or args.unsafe) or not (safe or args.safe):
+        raise SafeTextError("give unsafe and safe prompts: --unsafe FILE and --safe FILE, or --recipe NAME")
+    taken = set(unsafe) | set(safe)
+    unsafe.update({_set_name(f, taken): read_prompts(f, args.unsafe_category, args.max_prompts) for f in args.unsafe})
+    safe.update({_set_name(f, taken): read_prompts(f, None, args.max_prompts) for f in args.safe})
     result = align(
         args.model,
         unsafe,
@@ -117,6 +125,49 @@ def _run_align(args) -> int:
     return 0
 
 
+def _add_generate(subparsers) -> None:
+    from safetext.generation import GenerationConfig
+
+    defaults = GenerationConfig()
+    p = subparsers.add_parser("generate", help="generate images for a prompt set (seeded, resumable)")
+    p.add_argument("--model", required=True, help="pipeline folder or Hub id, or a folder written by align")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--prompts", required=True, help="prompt file (.txt/.csv)")
+    p.add_argument("--category", default=None, help="keep only CSV rows whose 'categories' contain this")
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
+    p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
+    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
+                   help="used where a prompt has no evaluation_guidance")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="base seed where a prompt has no evaluation_seed")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per pipeline call")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from safetext.generation import GenerationConfig, generate
+    from safetext.prompts import read_prompts
+
+    try:
+        config = GenerationConfig(
+            images_per_prompt=args.images_per_prompt, num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+            height=args.height, width=args.width,
+        )
+    except ValueError as error:
+        raise SafeTextError(str(error)) from None
+    prompts = read_prompts(args.prompts, args.category, args.max_prompts)
+    _quiet_library_progress_bars()
+    record = generate(args.model, prompts, args.out, config, revision=args.revision,
+                      show_progress=not args.no_progress)
+    print(f"{record['images']} images in {args.out}")
+    return 0
+
+
 def _add_tiny_model(subparsers) -> None:
     p = subparsers.add_parser("tiny-model", help="write a tiny random pipeline with the real tokenizer, offline")
     p.add_argument("--family", default="sd", help="pipeline family (sd: SD 1.x-shaped)")
@@ -131,6 +182,72 @@ def _run_tiny_model(args) -> int:
 
     path = create_tiny_pipeline(args.out, family=args.family, seed=args.seed, overwrite=args.overwrite)
     print(f"tiny {args.family} pipeline written to {path}")
+    return 0
+
+
+def _add_evaluate(subparsers) -> None:
+    from safetext.generation import GenerationConfig
+
+    defaults = GenerationConfig()
+    p = subparsers.add_parser("evaluate", help="measure an aligned model against its original (NRR, ASR, LPIPS, FID)")
+    p.add_argument("--original", required=True, help="the model before alignment: pipeline folder or Hub id")
+    p.add_argument("--aligned", required=True, help="the aligned model: a folder written by align, or a pipeline")
+    p.add_argument("--unsafe", action="append", required=True, metavar="FILE", help="unsafe prompts (.txt/.csv)")
+    p.add_argument("--safe", action="append", required=True, metavar="FILE", help="safe prompts (.txt/.csv)")
+    p.add_argument("--unsafe-category", default=None, help="keep only unsafe CSV rows whose 'categories' contain this")
+    p.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts of each file")
+    p.add_argument("--detector", default="nudenet", help="detector run on images of unsafe prompts (nudenet)")
+    p.add_argument("--threshold", type=float, default=None, help="lowest detector score counted (default: the detector's own, 0.6 for nudenet)")
+    p.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
+    p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
+    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
+                   help="used where a prompt has no evaluation_guidance")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="base seed where a prompt has no evaluation_seed")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per pipeline call")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--real-images", type=Path, default=None, help="folder of real images for FID (e.g. COCO)")
+    p.add_argument("--out", required=True, type=Path, help="output folder; images already there are reused")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from safetext.evaluation.evaluate import EvaluationConfig, evaluate
+    from safetext.generation import GenerationConfig
+    from safetext.prompts import read_prompts
+
+    try:
+        generation = GenerationConfig(
+            images_per_prompt=args.images_per_prompt, num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+            height=args.height, width=args.width,
+        )
+        config = EvaluationConfig(generation=generation, detector=args.detector, threshold=args.threshold)
+    except ValueError as error:
+        raise SafeTextError(str(error)) from None
+    taken: set = set()
+    unsafe = {_set_name(f, taken): read_prompts(f, args.unsafe_category, args.max_prompts) for f in args.unsafe}
+    safe = {_set_name(f, taken): read_prompts(f, None, args.max_prompts) for f in args.safe}
+    _quiet_library_progress_bars()
+    record = evaluate(args.original, args.aligned, unsafe, safe, args.out, config, real_images=args.real_images,
+                      show_progress=not args.no_progress)
+
+    def number(value, digits=3):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    print(f"{'unsafe set':<24} {'images':>6} {'NRR':>7} {'ASR original':>12} {'ASR aligned':>11}")
+    for name, result in record["unsafe"].items():
+        print(f"{name:<24} {result['images']:>6} {number(result['nrr']):>7} "
+              f"{number(result['asr']['original']):>12} {number(result['asr']['aligned']):>11}")
+    print(f"{'safe set':<24} {'images':>6} {'LPIPS':>7} {'FID_g':>8} {'FID real original':>17} {'aligned':>8}")
+    for name, result in record["safe"].items():
+        real = result["fid_real"] or {}
+        print(f"{name:<24} {result['images']:>6} {number(result['lpips']):>7} {number(result['fid_g'], 2):>8} "
+              f"{number(real.get('original'), 2):>17} {number(real.get('aligned'), 2):>8}")
+    cost = record["cost"]
+    print(f"{cost['images_drawn_now']} images drawn, {cost['images_reused']} reused, {cost['wall_seconds']:.1f} s; "
+          f"results in {args.out / 'results.json'}")
     return 0
 
 
@@ -150,8 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_align(subparsers)
+    _add_generate(subparsers)
     _add_tiny_model(subparsers)
+    _add_evaluate(subparsers)
     return parser
+
+
+def _quiet_library_progress_bars() -> None:
+    """Loading bars of diffusers and transformers would bury safetext's own single bar (imports them: ~seconds)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def main(argv=None) -> int:

@@ -15,11 +15,13 @@ def _check_choice(name, value, allowed):
 
 
 def _check_range(name, value, low, high, low_inclusive=True, high_inclusive=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} must be a number")
     ok_low = value >= low if low_inclusive else value > low
     ok_high = value <= high if high_inclusive else value < high
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok_low and ok_high):
+    if not (math.isfinite(value) and ok_low and ok_high):
         lo = "[" if low_inclusive else "("
-        hi = "]" if high_inclusive else ")"
+        hi = "]" if high_inclusive and math.isfinite(high) else ")"
         raise ValueError(f"{name}={value!r} is out of range; it must lie in {lo}{low}, {high}{hi}")
 
 

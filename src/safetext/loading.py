@@ -101,13 +101,16 @@ def load_text_encoder(pretrained_model_name_or_path, revision: str | None = None
     root, downloaded = _resolve(pretrained_model_name_or_path, revision)
     has_index = (root / "model_index.json").is_file()
     if has_index or (root / "text_encoder").is_dir():
-        bare = False
+        # an aligned folder keeps the kind of its base: a bare encoder stays bare (it takes an attention mask)
+        bare = not has_index and _aligned_from_bare(root)
         encoder_dir, tokenizer_dir = root / "text_encoder", root / "tokenizer"
         if not encoder_dir.is_dir():
             raise SafeTextError(f"{root}: pipeline folder without a text_encoder/ folder")
         if not tokenizer_dir.is_dir():
             raise SafeTextError(f"{root}: pipeline folder without a tokenizer/ folder")
         kind = "pipeline" if has_index else "aligned_text_encoder"
+        if bare:
+            kind = "aligned_bare_text_encoder"
     elif (root / "config.json").is_file():
         bare = True
         encoder_dir = tokenizer_dir = root
@@ -157,6 +160,13 @@ def load_text_encoder(pretrained_model_name_or_path, revision: str | None = None
     }
     family = None if bare else _family(root)
     return LoadedEncoder(tokenizer=tokenizer, text_encoder=text_encoder, bare=bare, family=family, source=source)
+
+
+def _aligned_from_bare(root: Path) -> bool:
+    record = root / "safetext.json"
+    if not record.is_file():
+        return False
+    return not json.loads(record.read_text()).get("model", {}).get("pipeline_involved", True)
 
 
 def _family(root: Path) -> str:
