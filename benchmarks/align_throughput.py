@@ -99,8 +99,12 @@ def time_uncached_step(model_dir: Path, batch_size: int, repeats: int) -> float:
         with torch.no_grad():
             ref_u, ref_s = conditioner.encode(reference_encoder, unsafe), conditioner.encode(reference_encoder, safe)
         terms = safetext_loss(
-            conditioner.encode(trained, safe), ref_s, position_mask(safe.attention_mask, "no_bos"),
-            conditioner.encode(trained, unsafe), ref_u, position_mask(unsafe.attention_mask, "no_bos"),
+            conditioner.encode(trained, safe),
+            ref_s,
+            position_mask(safe.attention_mask, "no_bos"),
+            conditioner.encode(trained, unsafe),
+            ref_u,
+            position_mask(unsafe.attention_mask, "no_bos"),
             effectiveness_weight=1.0,
         )
         terms["loss"].backward()
@@ -126,13 +130,21 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(Path(tmp) / "model")
         run_config = AlignmentConfig(
-            learning_rate=1e-5, train_batch_size=args.batch_size, max_train_steps=args.steps,
-            heldout_fraction=0.1, checkpointing_steps=0, checkpoints_total_limit=1,
+            learning_rate=1e-5,
+            train_batch_size=args.batch_size,
+            max_train_steps=args.steps,
+            heldout_fraction=0.1,
+            checkpointing_steps=0,
+            checkpoints_total_limit=1,
         )
         n_train = args.batch_size * args.steps
         result = align(
-            model_dir, {"unsafe": prompts("unsafe", n_train + 2)}, {"safe": prompts("safe", n_train + 2)},
-            Path(tmp) / "out", run_config, show_progress=False,
+            model_dir,
+            {"unsafe": prompts("unsafe", n_train + 2)},
+            {"safe": prompts("safe", n_train + 2)},
+            Path(tmp) / "out",
+            run_config,
+            show_progress=False,
         )
         log = [json.loads(line) for line in (Path(tmp) / "out" / "logs" / "train_log.jsonl").read_text().splitlines()]
         cached_step = (log[-1]["seconds"] - log[0]["seconds"]) / (len(log) - 1)
@@ -162,10 +174,14 @@ def main(argv=None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"encoder parameters: {record['parameters'] / 1e6:.1f} M; {2 * args.batch_size} prompts x 77 tokens per step")
+    print(
+        f"encoder parameters: {record['parameters'] / 1e6:.1f} M; {2 * args.batch_size} prompts x 77 tokens per step"
+    )
     print(f"matmul peak (float32): {peak / 1e9:.1f} GFLOP/s")
-    print(f"step with reference cache: {cached_step:.3f} s; without: {uncached_step:.3f} s "
-          f"({record['speedup_from_cache']:.2f}x)")
+    print(
+        f"step with reference cache: {cached_step:.3f} s; without: {uncached_step:.3f} s "
+        f"({record['speedup_from_cache']:.2f}x)"
+    )
     print(f"achieved: {achieved / 1e9:.1f} GFLOP/s")
     print(f"ratio_to_matmul_peak={ratio:.3f}")
     return 0

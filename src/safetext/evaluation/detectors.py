@@ -1,10 +1,13 @@
-"""The shape every image detector shares: per-image detections, already filtered, and the settings that made them."""
+"""The shape every image detector shares: per-image detections, already filtered, and the settings that made them;
+and the detectors the evaluation can name (`get_detector`)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
+
+from safetext.errors import SafeTextError
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,50 @@ class Detector(Protocol):
     def settings(self) -> dict[str, Any]:
         """Return a JSON-serialisable record: `name`, `package_version`, `model_sha256`, `threshold`, `classes`."""
         ...
+
+
+def _nudenet(threshold: float | None) -> Detector:
+    from safetext.evaluation.nudenet import NudeNetDetector
+
+    return NudeNetDetector() if threshold is None else NudeNetDetector(threshold=threshold)
+
+
+DETECTORS: dict[str, Callable[[float | None], Detector]] = {
+    "nudenet": _nudenet,
+}
+"""Detectors by the name `safetext evaluate --detector NAME` takes.
+
+A factory takes the score threshold (`None`: the detector's own default) and returns a `Detector`. It imports its
+package inside the call, so that naming a detector costs nothing until it is used, and raises `SafeTextError` with
+an install hint when the package is missing. Add a detector by adding its factory here.
+"""
+
+
+def get_detector(name: str, threshold: float | None = None) -> Detector:
+    """Build a detector by name.
+
+    Args:
+        name (`str`): a key of `DETECTORS`, e.g. `"nudenet"`.
+        threshold (`float`, *optional*): lowest score that counts as a detection; defaults to the detector's own
+            (0.6 for NudeNet).
+
+    Returns:
+        `Detector`: the detector, ready to `detect`.
+
+    Raises:
+        `SafeTextError`: if the name is unknown (the message lists the known ones), the detector's package is not
+            installed (the message says how to install it) or the threshold is out of the detector's range.
+    """
+    factory = DETECTORS.get(name)
+    if factory is None:
+        raise SafeTextError(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTORS))}")
+    try:
+        detector = factory(threshold)
+    except ValueError as error:
+        raise SafeTextError(f"detector {name!r}: {error}") from None
+    except ImportError as error:
+        # a factory should say how to install its package; this is the fallback for one that does not
+        raise SafeTextError(f"detector {name!r} needs a package that is not installed ({error})") from None
+    if not isinstance(detector, Detector):
+        raise TypeError(f"the factory of detector {name!r} returned {type(detector).__name__}, not a Detector")
+    return detector
