@@ -432,12 +432,20 @@ def test_two_cpu_processes_match_one_process_with_the_global_batch(tiny_pipeline
         "--mixed_precision=no",
         "--dynamo_backend=no",
         f"--main_process_port={_free_port()}",
-        str(TESTS_DIR / "accelerate_align_script.py"),
-        str(tiny_pipeline_dir),
-        str(unsafe_file),
-        str(safe_file),
-        str(tmp_path / "two"),
-        json.dumps(dict(settings, train_batch_size=2)),
+        # the README's command: the real CLI as a module under accelerate launch
+        "-m",
+        "safetext.cli",
+        "align",
+        f"--model={tiny_pipeline_dir}",
+        f"--unsafe={unsafe_file}",
+        f"--safe={safe_file}",
+        f"--out={tmp_path / 'two'}",
+        f"--max-train-steps={settings['max_train_steps']}",
+        f"--learning-rate={settings['learning_rate']}",
+        f"--heldout-fraction={settings['heldout_fraction']}",
+        f"--checkpointing-steps={settings['checkpointing_steps']}",
+        "--train-batch-size=2",
+        "--no-progress",
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
