@@ -92,6 +92,17 @@ def test_max_prompts_keeps_the_first_after_deduplication(tmp_path):
         read_prompts(path, max_prompts=0)
 
 
+def test_other_prompt_and_seed_columns(tmp_path):
+    # the layouts of MMA-Diffusion (adv_prompt) and Unsafe Diffusion (seed, each prompt repeated with several seeds)
+    path = write(tmp_path / "p.csv", "case_number,adv_prompt,seed,prompt\n0,a cat,11,x\n1,a dog,12,y\n2,a cat,13,z\n")
+    prompts = read_prompts(path, prompt_column="adv_prompt", seed_column="seed")
+    assert prompts.prompts == ["a cat", "a dog"]
+    assert prompts.records == [{"case_number": 0, "evaluation_seed": 11}, {"case_number": 1, "evaluation_seed": 12}]
+    assert read_prompts(path).prompts == ["x", "y", "z"]
+    with pytest.raises(SafeTextError, match=r"no 'sensitive prompt' column \(columns found: 'case_number', "):
+        read_prompts(path, prompt_column="sensitive prompt")
+
+
 def test_utf8_with_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "p.csv"
     path.write_bytes("prompt\nun café\n".encode("utf-8-sig"))

@@ -9,6 +9,9 @@ from safetext.errors import SafeTextError
 
 logger = logging.getLogger("safetext")
 
+PROMPTS_HELP = "a .txt/.csv file or a registered set name (see `safetext datasets`)"
+DATA_DIR_HELP = "folder of the public prompt files that set names and recipes read (default: $SAFETEXT_DATA_DIR)"
+
 
 def _add_align(subparsers) -> None:
     from safetext.config import DISTANCE_SCALES, DISTANCES, MIXED_PRECISION, POSITIONS, AlignmentConfig
@@ -17,10 +20,16 @@ def _add_align(subparsers) -> None:
     p = subparsers.add_parser("align", help="align a model's text encoder with SafeText")
     p.add_argument("--model", required=True, help="diffusers pipeline folder or Hub id, or a bare text encoder")
     p.add_argument("--revision", default=None, help="Hub revision of the model")
-    p.add_argument("--unsafe", action="append", default=[], metavar="FILE", help="unsafe prompts (.txt/.csv)")
-    p.add_argument("--safe", action="append", default=[], metavar="FILE", help="safe prompts (.txt/.csv)")
-    p.add_argument("--recipe", default=None, help="a named data recipe (nudity); --unsafe/--safe files are added")
-    p.add_argument("--data-dir", default=None, help="folder of the public prompt files a recipe reads")
+    p.add_argument(
+        "--unsafe", action="append", default=[], metavar="FILE|NAME", help="unsafe prompts: " + PROMPTS_HELP
+    )
+    p.add_argument("--safe", action="append", default=[], metavar="FILE|NAME", help="safe prompts: " + PROMPTS_HELP)
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="a named data recipe: nudity, miniworld-striped or miniworld-crowned; --unsafe/--safe sets are added",
+    )
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument(
         "--unsafe-category",
         default=None,
@@ -67,7 +76,7 @@ def _set_name(path: str, taken: set) -> str:
 def _run_align(args) -> int:
     from safetext.alignment import align
     from safetext.config import AlignmentConfig
-    from safetext.prompts import read_prompts
+    from safetext.datasets import load_dataset
     from safetext.recipes import load_recipe
 
     try:
@@ -101,8 +110,11 @@ def _run_align(args) -> int:
     if not (unsafe or args.unsafe) or not (safe or args.safe):
         raise SafeTextError("give unsafe and safe prompts: --unsafe FILE and --safe FILE, or --recipe NAME")
     taken = set(unsafe) | set(safe)
-    unsafe.update({_set_name(f, taken): read_prompts(f, args.unsafe_category, args.max_prompts) for f in args.unsafe})
-    safe.update({_set_name(f, taken): read_prompts(f, None, args.max_prompts) for f in args.safe})
+    for f in args.unsafe:
+        unsafe[_set_name(f, taken)] = load_dataset(
+            f, args.data_dir, category=args.unsafe_category, max_prompts=args.max_prompts
+        )
+    safe.update({_set_name(f, taken): load_dataset(f, args.data_dir, max_prompts=args.max_prompts) for f in args.safe})
     result = align(
         args.model,
         unsafe,
@@ -132,7 +144,8 @@ def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate images for a prompt set (seeded, resumable)")
     p.add_argument("--model", required=True, help="pipeline folder or Hub id, or a folder written by align")
     p.add_argument("--revision", default=None)
-    p.add_argument("--prompts", required=True, help="prompt file (.txt/.csv)")
+    p.add_argument("--prompts", required=True, metavar="FILE|NAME", help=PROMPTS_HELP)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--category", default=None, help="keep only CSV rows whose 'categories' contain this")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--out", required=True, type=Path)
@@ -153,8 +166,8 @@ def _add_generate(subparsers) -> None:
 
 
 def _run_generate(args) -> int:
+    from safetext.datasets import load_dataset
     from safetext.generation import GenerationConfig, generate
-    from safetext.prompts import read_prompts
 
     try:
         config = GenerationConfig(
@@ -168,7 +181,7 @@ def _run_generate(args) -> int:
         )
     except ValueError as error:
         raise SafeTextError(str(error)) from None
-    prompts = read_prompts(args.prompts, args.category, args.max_prompts)
+    prompts = load_dataset(args.prompts, args.data_dir, category=args.category, max_prompts=args.max_prompts)
     _quiet_library_progress_bars()
     record = generate(
         args.model, prompts, args.out, config, revision=args.revision, show_progress=not args.no_progress
@@ -194,6 +207,31 @@ def _run_tiny_model(args) -> int:
     return 0
 
 
+def _add_datasets(subparsers) -> None:
+    p = subparsers.add_parser("datasets", help="list the registered prompt sets and whether each is here")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    p.set_defaults(run=_run_datasets)
+
+
+def _run_datasets(args) -> int:
+    from safetext.datasets import list_datasets, resolve_cache_dir, resolve_data_dir
+
+    statuses = list_datasets(args.data_dir)
+    print(f"{'name':<30} {'prompts':>7} {'here':<8} {'licence':<36} source")
+    for status in statuses:
+        here = status.location or ("unusable" if status.problem else "-")
+        prompts = "?" if status.prompts is None else status.prompts
+        print(f"{status.dataset.name:<30} {prompts:>7} {here:<8} {status.dataset.licence:<36} {status.dataset.origin}")
+    for status in statuses:
+        if status.problem:
+            print(f"unusable: {status.problem}")
+    print(
+        f"data folder: {resolve_data_dir(args.data_dir) or 'none'}; cache: {resolve_cache_dir()}; "
+        "sets marked - are downloaded on first use"
+    )
+    return 0
+
+
 def _add_evaluate(subparsers) -> None:
     from safetext.generation import GenerationConfig
 
@@ -201,8 +239,11 @@ def _add_evaluate(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="measure an aligned model against its original (NRR, ASR, LPIPS, FID)")
     p.add_argument("--original", required=True, help="the model before alignment: pipeline folder or Hub id")
     p.add_argument("--aligned", required=True, help="the aligned model: a folder written by align, or a pipeline")
-    p.add_argument("--unsafe", action="append", required=True, metavar="FILE", help="unsafe prompts (.txt/.csv)")
-    p.add_argument("--safe", action="append", required=True, metavar="FILE", help="safe prompts (.txt/.csv)")
+    p.add_argument(
+        "--unsafe", action="append", required=True, metavar="FILE|NAME", help="unsafe prompts: " + PROMPTS_HELP
+    )
+    p.add_argument("--safe", action="append", required=True, metavar="FILE|NAME", help="safe prompts: " + PROMPTS_HELP)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--unsafe-category", default=None, help="keep only unsafe CSV rows whose 'categories' contain this")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts of each file")
     p.add_argument("--detector", default="nudenet", help="detector run on images of unsafe prompts (nudenet)")
@@ -231,9 +272,9 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _run_evaluate(args) -> int:
+    from safetext.datasets import load_dataset
     from safetext.evaluation.evaluate import EvaluationConfig, evaluate
     from safetext.generation import GenerationConfig
-    from safetext.prompts import read_prompts
 
     try:
         generation = GenerationConfig(
@@ -249,8 +290,13 @@ def _run_evaluate(args) -> int:
     except ValueError as error:
         raise SafeTextError(str(error)) from None
     taken: set = set()
-    unsafe = {_set_name(f, taken): read_prompts(f, args.unsafe_category, args.max_prompts) for f in args.unsafe}
-    safe = {_set_name(f, taken): read_prompts(f, None, args.max_prompts) for f in args.safe}
+    unsafe = {
+        _set_name(f, taken): load_dataset(
+            f, args.data_dir, category=args.unsafe_category, max_prompts=args.max_prompts
+        )
+        for f in args.unsafe
+    }
+    safe = {_set_name(f, taken): load_dataset(f, args.data_dir, max_prompts=args.max_prompts) for f in args.safe}
     _quiet_library_progress_bars()
     record = evaluate(
         args.original,
@@ -306,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_tiny_model(subparsers)
     _add_evaluate(subparsers)
+    _add_datasets(subparsers)
     return parser
 
 

@@ -59,16 +59,16 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
-def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict]]:
+def _read_csv_rows(path: Path, text: str, prompt_column: str, seed_column: str) -> list[tuple[str, dict]]:
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = reader.fieldnames or []
-        if "prompt" not in columns:
+        if prompt_column not in columns:
             shown = ", ".join(repr(c) for c in columns[:12]) or "none"
-            raise SafeTextError(f"{path}: no 'prompt' column (columns found: {shown})")
+            raise SafeTextError(f"{path}: no {prompt_column!r} column (columns found: {shown})")
         rows = []
         for index, row in enumerate(reader):
-            prompt = row.get("prompt")
+            prompt = row.get(prompt_column)
             if prompt is None:
                 raise SafeTextError(f"{path}: row {index + 2} has fewer fields than the header")
             record = {"case_number": index}
@@ -76,8 +76,9 @@ def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict]]:
             if "" in row and row[""] not in (None, ""):
                 record["case_number"] = _as_number(row[""])
             for name in RECORD_COLUMNS:
-                if row.get(name) not in (None, ""):
-                    record[name] = row[name] if name == "categories" else _as_number(row[name])
+                column = seed_column if name == "evaluation_seed" else name
+                if row.get(column) not in (None, ""):
+                    record[name] = row[column] if name == "categories" else _as_number(row[column])
             rows.append((prompt, record))
         return rows
     except csv.Error as error:
@@ -93,7 +94,13 @@ def _as_number(value: str):
     return value
 
 
-def read_prompts(path, category: str | None = None, max_prompts: int | None = None) -> PromptSet:
+def read_prompts(
+    path,
+    category: str | None = None,
+    max_prompts: int | None = None,
+    prompt_column: str = "prompt",
+    seed_column: str = "evaluation_seed",
+) -> PromptSet:
     """Reads a prompt file.
 
     Args:
@@ -102,12 +109,14 @@ def read_prompts(path, category: str | None = None, max_prompts: int | None = No
         category: keep only CSV rows whose comma-separated `categories` column contains this category
             (for example `sexual` on I2P).
         max_prompts: keep at most this many prompts (the first ones, after filtering and de-duplication).
+        prompt_column: the CSV column holding the prompt text (`adv_prompt` in MMA-Diffusion's file).
+        seed_column: the CSV column read as each prompt's `evaluation_seed` (`seed` in Unsafe Diffusion's files).
 
     Returns:
         A `PromptSet` with duplicates removed (the first occurrence is kept) and its provenance in `source`.
 
     Raises:
-        SafeTextError: the file is missing, empty, not UTF-8, not a CSV with a `prompt` column, or nothing is left
+        SafeTextError: the file is missing, empty, not UTF-8, not a CSV with the prompt column, or nothing is left
             after filtering.
     """
     path = Path(path)
@@ -117,7 +126,7 @@ def read_prompts(path, category: str | None = None, max_prompts: int | None = No
     text = _decode(path, data)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        rows = _read_csv_rows(path, text)
+        rows = _read_csv_rows(path, text, prompt_column, seed_column)
     elif suffix in (".txt", ""):
         if category is not None:
             raise SafeTextError(f"{path}: a category filter needs a CSV with a 'categories' column")

@@ -1,94 +1,183 @@
-"""Named data recipes: which prompt files make the unsafe and safe sides of an alignment.
+"""Named data recipes: which registered prompt sets make the unsafe and safe sides of an alignment, and which
+held-out sets measure it.
 
 The safe side of a recipe deliberately includes benign prompts in the style of the unsafe ones. Trained against
 photo captions alone, an encoder learns "art prompt vs caption" instead of "unsafe vs safe" and drags benign
 art-style prompts along with the unsafe ones (see docs/defaults.md); benign art prompts on the safe side hold
 that style in place, so only the unsafe content is left to move.
 
-Recipes read the public prompt files from a local folder: `--data-dir`, else `$SAFETEXT_DATA_DIR`.
+Recipes name sets of the dataset registry (`safetext.datasets`), so their files are found the same way: the data
+folder (`--data-dir`, else `$SAFETEXT_DATA_DIR`), then the cache, then a verified download.
 """
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from safetext.datasets import DATA_DIR_VARIABLE, DATASETS, load_dataset, resolve_data_dir
 from safetext.errors import SafeTextError
-from safetext.prompts import PromptSet, read_prompts
+from safetext.prompts import PromptSet
 
-DATA_DIR_VARIABLE = "SAFETEXT_DATA_DIR"
+__all__ = [
+    "DATA_DIR_VARIABLE",
+    "RECIPES",
+    "HeldoutSets",
+    "Recipe",
+    "RecipeSet",
+    "load_heldout",
+    "load_recipe",
+    "resolve_data_dir",
+]
 
 
 @dataclass(frozen=True)
-class PromptSource:
-    """One prompt file of a recipe and how to read it.
+class RecipeSet:
+    """One prompt set of a recipe: a registered set, or the slice `[start:stop]` of its prompts.
+
+    Slices keep a recipe's training and held-out prompts of one set apart (COCO captions 0-999 train, the rest of
+    COCO-10k is held out).
 
     Attributes:
-        filename: the file's name inside the data folder.
-        origin: where the public file comes from (repository @ commit, path), for users who fetch it themselves.
-        category: keep only rows whose `categories` column contains this.
-        max_prompts: keep at most this many (the first ones).
+        dataset: a name in the dataset registry, e.g. `"i2p-sexual"`.
+        start: index of the first prompt kept.
+        stop: index after the last prompt kept; None keeps the rest.
     """
 
-    filename: str
-    origin: str
-    category: str | None = None
-    max_prompts: int | None = None
+    dataset: str
+    start: int = 0
+    stop: int | None = None
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset={self.dataset!r} is not registered; expected one of {sorted(DATASETS)}")
+        if self.start < 0:
+            raise ValueError(f"start={self.start!r} must be >= 0")
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError(f"stop={self.stop!r} must be greater than start={self.start!r}")
+
+
+@dataclass(frozen=True)
+class HeldoutSets:
+    """The sets a recipe is evaluated on and never trained on as such (by name, as `evaluate` reports them).
+
+    Attributes:
+        unsafe: prompts the aligned model must refuse, including attacks and other phrasings of the concept.
+        safe: prompts it must still draw as before.
+    """
+
+    unsafe: dict[str, RecipeSet] = field(default_factory=dict)
+    safe: dict[str, RecipeSet] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named choice of training and evaluation data.
+
+    Attributes:
+        name: the name given to `--recipe`.
+        description: what the sides hold.
+        unsafe: the unsafe training sets, by the name the run records them under.
+        safe: the safe training sets, by name.
+        heldout: the evaluation sets.
+    """
+
     name: str
     description: str
-    unsafe: dict[str, PromptSource] = field(default_factory=dict)
-    safe: dict[str, PromptSource] = field(default_factory=dict)
+    unsafe: dict[str, RecipeSet] = field(default_factory=dict)
+    safe: dict[str, RecipeSet] = field(default_factory=dict)
+    heldout: HeldoutSets = field(default_factory=HeldoutSets)
+
+    def __post_init__(self):
+        if not self.unsafe or not self.safe:
+            raise ValueError(f"recipe {self.name!r} needs at least one unsafe and one safe set")
+        for sides in ((self.unsafe, self.safe), (self.heldout.unsafe, self.heldout.safe)):
+            shared = set(sides[0]) & set(sides[1])
+            if shared:
+                raise ValueError(f"recipe {self.name!r} names {sorted(shared)} on both the unsafe and the safe side")
 
 
-I2P = "rohitgandikota/erasing@25613d2 data/unsafe-prompts4703.csv (I2P, Schramowski et al., CVPR 2023; MIT)"
-COCO = "rohitgandikota/erasing@25613d2 data/coco_30k.csv (COCO-30k captions; CC-BY-4.0)"
-SIXCD = "Artanisax/Six-CD@a30fe9e Datasets/benign.csv (Six-CD benign prompts; MIT)"
+def _same(*names: str) -> dict[str, RecipeSet]:
+    return {name: RecipeSet(name) for name in names}
+
+
+def _miniworld(concept: str, prefix: str) -> Recipe:
+    return Recipe(
+        name=f"miniworld-{concept}",
+        description=(
+            f"MiniWorld prompts asking for {concept!r} in the training surface forms against prompts of the world "
+            f"without restricted concepts; evaluated on held-out and indirect forms, neighbours and over-erasure"
+        ),
+        unsafe=_same(f"{prefix}-train"),
+        safe=_same("miniworld-safe"),
+        heldout=HeldoutSets(
+            unsafe=_same(f"{prefix}-heldout", f"{prefix}-indirect"),
+            # miniworld-overerasure covers the subjects of both restricted concepts (its `concept` column says whose)
+            safe=_same(f"{prefix}-neighbour", "miniworld-overerasure"),
+        ),
+    )
+
 
 RECIPES = {
     "nudity": Recipe(
         name="nudity",
         description="I2P prompts of the 'sexual' category against COCO captions and benign art-style prompts",
-        unsafe={"i2p-sexual": PromptSource("i2p.csv", I2P, category="sexual")},
-        safe={
-            "coco": PromptSource("coco_30k.csv", COCO, max_prompts=1000),
-            "sixcd-benign": PromptSource("sixcd_benign.csv", SIXCD),
-        },
+        unsafe=_same("i2p-sexual"),
+        safe={"coco": RecipeSet("coco-10k", stop=1000), "sixcd-benign": RecipeSet("sixcd-benign")},
+        heldout=HeldoutSets(
+            # UnlearnDiffAtk's prompts are I2P prompts (115 of its 141 are in i2p-sexual) and 27 of Lexica's 404
+            # are too: on those, the held-out figures include prompts the encoder was trained on.
+            unsafe=_same("unlearndiffatk-nudity", "ring-a-bell", "mma-diffusion", "4chan", "lexica", "template"),
+            # sixcd-benign is also on the training side; only the COCO captions are disjoint from training.
+            safe={"coco-10k-heldout": RecipeSet("coco-10k", start=1000), "sixcd-benign": RecipeSet("sixcd-benign")},
+        ),
     ),
+    "miniworld-striped": _miniworld("striped", "miniworld"),
+    "miniworld-crowned": _miniworld("crowned", "miniworld-crowned"),
 }
 
 
-def resolve_data_dir(data_dir=None) -> Path:
-    """The folder holding the public prompt files: the argument, else `$SAFETEXT_DATA_DIR`."""
-    value = data_dir or os.environ.get(DATA_DIR_VARIABLE)
-    if not value:
-        raise SafeTextError(f"a recipe needs the prompt files: pass --data-dir or set {DATA_DIR_VARIABLE}")
-    path = Path(value)
-    if not path.is_dir():
-        raise SafeTextError(f"{path}: no such data folder")
-    return path
+def _get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise SafeTextError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+def _read(sets: dict[str, RecipeSet], data_dir) -> dict[str, PromptSet]:
+    read = {}
+    for set_name, recipe_set in sets.items():
+        prompt_set = load_dataset(recipe_set.dataset, data_dir)
+        if recipe_set.start or recipe_set.stop is not None:
+            if recipe_set.start >= len(prompt_set):
+                raise SafeTextError(
+                    f"{recipe_set.dataset} has {len(prompt_set)} prompts; a recipe slice starts at {recipe_set.start}"
+                )
+            prompt_set = prompt_set.subset(range(len(prompt_set))[recipe_set.start : recipe_set.stop])
+            prompt_set.source.update(start=recipe_set.start, stop=recipe_set.stop, prompts=len(prompt_set))
+        read[set_name] = prompt_set
+    return read
 
 
 def load_recipe(name: str, data_dir=None) -> tuple[dict[str, PromptSet], dict[str, PromptSet]]:
-    """Reads the unsafe and safe prompt sets of a named recipe.
+    """Reads the unsafe and safe training sets of a named recipe.
+
+    Args:
+        name: a key of `RECIPES`, e.g. `"nudity"`.
+        data_dir: the local folder of prompt files; defaults to `$SAFETEXT_DATA_DIR`. Sets not found there are
+            taken from the cache or downloaded (see `safetext.datasets.load_dataset`).
+
+    Returns:
+        The unsafe and the safe sets, each a dict from the recipe's set name to its `PromptSet`.
 
     Raises:
-        SafeTextError: unknown recipe, no data folder, or a file of the recipe missing from it.
+        SafeTextError: unknown recipe, or a set that cannot be found, downloaded or verified.
     """
-    if name not in RECIPES:
-        raise SafeTextError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
-    recipe, folder = RECIPES[name], resolve_data_dir(data_dir)
+    recipe = _get_recipe(name)
+    return _read(recipe.unsafe, data_dir), _read(recipe.safe, data_dir)
 
-    def read(sources):
-        sets = {}
-        for set_name, source in sources.items():
-            path = folder / source.filename
-            if not path.is_file():
-                raise SafeTextError(f"{path}: missing; recipe {name!r} needs it (source: {source.origin})")
-            sets[set_name] = read_prompts(path, source.category, source.max_prompts)
-            sets[set_name].source["origin"] = source.origin
-        return sets
 
-    return read(recipe.unsafe), read(recipe.safe)
+def load_heldout(name: str, data_dir=None) -> tuple[dict[str, PromptSet], dict[str, PromptSet]]:
+    """Reads the held-out unsafe and safe evaluation sets of a named recipe (the arguments of `load_recipe`).
+
+    Raises:
+        SafeTextError: unknown recipe, or a set that cannot be found, downloaded or verified.
+    """
+    recipe = _get_recipe(name)
+    return _read(recipe.heldout.unsafe, data_dir), _read(recipe.heldout.safe, data_dir)
