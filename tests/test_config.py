@@ -9,7 +9,8 @@ from safetext.config import DISTANCE_SCALES, DISTANCES, MIXED_PRECISION, POSITIO
 @pytest.mark.parametrize(
     ("name", "value", "allowed"),
     [
-        ("positions", "everything", POSITIONS),
+        ("utility_positions", "everything", POSITIONS),
+        ("effectiveness_positions", "everything", POSITIONS),
         ("utility_distance", "l1", DISTANCES),
         ("effectiveness_distance", "dot", DISTANCES),
         ("distance_scale", "log", DISTANCE_SCALES),
@@ -78,7 +79,8 @@ def test_dict_round_trip_through_json():
         effectiveness_weight=0.3,
         utility_distance="squared_l2",
         effectiveness_distance="cosine",
-        positions="prompt",
+        utility_positions="no_bos",
+        effectiveness_positions="prompt",
         distance_scale="absolute",
         learning_rate=2e-4,
         max_train_steps=7,
@@ -98,8 +100,8 @@ def test_unknown_keys_are_refused_by_name():
 
 
 def test_from_dict_validates_values():
-    with pytest.raises(ValueError, match="positions='middle'"):
-        AlignmentConfig.from_dict({"positions": "middle"})
+    with pytest.raises(ValueError, match="effectiveness_positions='middle'"):
+        AlignmentConfig.from_dict({"effectiveness_positions": "middle"})
 
 
 def test_every_field_has_help_text():

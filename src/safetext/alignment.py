@@ -274,14 +274,15 @@ def align(
     # the reference never changes, so no step needs a second forward pass through a frozen copy.
     text_encoder.to(accelerator.device)
     truncated = 0
-    for group in groups.values():
+    for name, group in groups.items():
         group.tokens = conditioner.tokenize(group.prompts) if group.prompts else None
         if group.tokens is None:
             group.mask = torch.zeros(0, conditioner.max_length, dtype=torch.bool)
             group.reference = torch.zeros(0, conditioner.max_length, text_encoder.config.hidden_size)
             continue
         truncated += group.tokens.truncated
-        group.mask = position_mask(group.tokens.attention_mask, config.positions)
+        positions = config.effectiveness_positions if name.endswith("unsafe") else config.utility_positions
+        group.mask = position_mask(group.tokens.attention_mask, positions)
         group.reference = conditioner.encode_all(text_encoder, group.tokens, config.eval_batch_size)
     if truncated:
         logger.warning(
@@ -432,7 +433,7 @@ def align(
     }
     before = {name: g.reference for name, g in groups.items()}
     metrics = _before_after(_measure(groups, before), _measure(groups, after))
-    metrics["positions"] = config.positions
+    metrics["positions"] = {"unsafe": config.effectiveness_positions, "safe": config.utility_positions}
 
     # 7. Export (main process only).
     record = {

@@ -50,7 +50,10 @@ def _add_align(subparsers) -> None:
     p.add_argument("--safe-batch-size", type=int, default=None, help="safe prompts per step (default: same)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction)
-    p.add_argument("--positions", choices=POSITIONS, default=defaults.positions)
+    p.add_argument("--utility-positions", choices=POSITIONS, default=defaults.utility_positions,
+                   help="token positions in the utility distance (safe prompts)")
+    p.add_argument("--effectiveness-positions", choices=POSITIONS, default=defaults.effectiveness_positions,
+                   help="token positions in the effectiveness distance (unsafe prompts)")
     p.add_argument("--utility-distance", choices=DISTANCES, default=defaults.utility_distance)
     p.add_argument("--effectiveness-distance", choices=DISTANCES, default=defaults.effectiveness_distance)
     p.add_argument("--distance-scale", choices=DISTANCE_SCALES, default=defaults.distance_scale)
@@ -84,7 +87,8 @@ def _run_align(args) -> int:
             effectiveness_weight=args.effectiveness_weight,
             utility_distance=args.utility_distance,
             effectiveness_distance=args.effectiveness_distance,
-            positions=args.positions,
+            utility_positions=args.utility_positions,
+            effectiveness_positions=args.effectiveness_positions,
             distance_scale=args.distance_scale,
             learning_rate=args.learning_rate,
             num_train_epochs=args.epochs,

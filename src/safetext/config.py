@@ -36,7 +36,7 @@ class AlignmentConfig:
     """
 
     effectiveness_weight: float = field(
-        default=1.0,
+        default=0.5,
         metadata={
             "help": "weight of the effectiveness term, lambda in the objective L_u - lambda * L_e. With "
             "distance_scale='relative' it is comparable across encoders."
@@ -49,11 +49,20 @@ class AlignmentConfig:
         default="negcosine",
         metadata={"help": f"distance d_e of the effectiveness term, one of {DISTANCES} (paper: negcosine)"},
     )
-    positions: str = field(
+    utility_positions: str = field(
+        default="all",
+        metadata={
+            "help": "token positions of the 77 x d conditioning tensor that enter the utility distance d_u: 'all', "
+            "'no_bos' (every position but BOS, whose output is the same for every prompt under CLIP's causal "
+            "attention) or 'prompt' (the prompt's own tokens through EOS). 'all' holds everything the diffusion "
+            "model attends to in place for safe prompts"
+        },
+    )
+    effectiveness_positions: str = field(
         default="no_bos",
         metadata={
-            "help": "token positions of the 77 x d conditioning tensor that enter both distances: 'all', "
-            "'no_bos' (every position but the constant BOS one) or 'prompt' (the prompt's own tokens through EOS)"
+            "help": "token positions that enter the effectiveness distance d_e (same choices); BOS cannot tell an "
+            "unsafe prompt from a safe one, so 'no_bos' spends the push where the prompt's content is"
         },
     )
     distance_scale: str = field(
@@ -101,7 +110,8 @@ class AlignmentConfig:
         _check_range("effectiveness_weight", self.effectiveness_weight, 0.0, math.inf, high_inclusive=False)
         _check_choice("utility_distance", self.utility_distance, DISTANCES)
         _check_choice("effectiveness_distance", self.effectiveness_distance, DISTANCES)
-        _check_choice("positions", self.positions, POSITIONS)
+        _check_choice("utility_positions", self.utility_positions, POSITIONS)
+        _check_choice("effectiveness_positions", self.effectiveness_positions, POSITIONS)
         _check_choice("distance_scale", self.distance_scale, DISTANCE_SCALES)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)

@@ -106,7 +106,8 @@ This folder holds a text encoder aligned with **SafeText** (Hu, Jiang and Gong, 
 `{model["text_encoder_sha256"][:16]}`), the encoder was fine-tuned so that the embeddings of unsafe prompts move
 away from where the original encoder put them (negative cosine) while the embeddings of safe prompts stay in
 place (Euclidean distance), minimising `L_u - lambda * L_e` with lambda = {config["effectiveness_weight"]}
-({config["distance_scale"]} distances, positions `{config["positions"]}`). Only the text encoder changed; use it
+({config["distance_scale"]} distances; positions `{config["utility_positions"]}` for safe and
+`{config["effectiveness_positions"]}` for unsafe prompts). Only the text encoder changed; use it
 with the original diffusion model. {
         "No diffusion pipeline was involved: the alignment acted on embeddings only."
         if not model["pipeline_involved"]
