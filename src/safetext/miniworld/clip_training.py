@@ -1,0 +1,269 @@
+"""The mini-CLIP: MiniWorld's own CLIP, trained contrastively so that its text encoder knows the world's semantics.
+
+Stable Diffusion's text encoder was trained as half of CLIP before any diffusion model saw it; MiniWorld's is too.
+A `CLIPTextModel` (the real CLIP tokenizer, 49,408 tokens, 77 positions) and a small convolutional vision tower
+learn to match fresh renders with their captions under the symmetric InfoNCE loss of CLIP (Radford et al., 2021,
+eq. in Figure 3) with a learned temperature. Captions use every surface form of the restricted concepts, so
+"striped", "pinstriped" and "patterned like a zebra" land near each other because they describe the same pictures.
+
+Only the text side is kept: `text_encoder/` (safetensors) and `tokenizer/`, the layout of an SD pipeline's
+folders, which the UNet stage loads frozen.
+"""
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from safetext.miniworld.captions import caption
+from safetext.miniworld.renderer import render
+from safetext.miniworld.scenes import sample_scene
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MiniClipConfig:
+    """How the mini-CLIP is built and trained.
+
+    Args:
+        hidden_size: width of the text transformer, also the UNet's cross-attention width. The 49,408-token
+            embedding alone holds `49408 * hidden_size` parameters, which sets most of the shipped size.
+        num_hidden_layers: transformer layers of the text encoder.
+        num_attention_heads: attention heads per layer; must divide `hidden_size`.
+        intermediate_size: width of the text encoder's MLPs.
+        projection_dim: width of the joint embedding space both towers project into.
+        vision_channels: widths of the vision tower's conv blocks (each halves the resolution after the first).
+        max_train_steps: optimisation steps; each draws a fresh batch of scenes.
+        train_batch_size: (picture, caption) pairs per step, also the number of negatives per pair plus one.
+        learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
+        lr_warmup_steps: steps of linear warm-up.
+        weight_decay: AdamW weight decay.
+        seed: seed of the scenes, captions and initialisation.
+        num_threads: torch CPU threads. One by default: on a shared two-core machine a second thread spends more
+            time waiting for a busy core than it saves (set 2 on two idle cores).
+    """
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    projection_dim: int = 128
+    vision_channels: tuple[int, ...] = (32, 64, 128, 128)
+    max_train_steps: int = 800
+    train_batch_size: int = 128
+    learning_rate: float = 1e-3
+    lr_warmup_steps: int = 50
+    weight_decay: float = 0.1
+    seed: int = 0
+    num_threads: int = 1
+
+    def __post_init__(self):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "projection_dim",
+            "max_train_steps",
+            "num_threads",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads must divide hidden_size, got {self.num_attention_heads} and {self.hidden_size}"
+            )
+        if self.train_batch_size < 2:
+            raise ValueError(f"train_batch_size must be at least 2 (a contrastive batch), got {self.train_batch_size}")
+        if not self.vision_channels or min(self.vision_channels) < 1:
+            raise ValueError(f"vision_channels must be positive widths, got {self.vision_channels}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.lr_warmup_steps < self.max_train_steps:
+            raise ValueError(
+                f"lr_warmup_steps must be in [0, max_train_steps={self.max_train_steps}), got {self.lr_warmup_steps}"
+            )
+
+
+class VisionTower(nn.Module):
+    """A small CNN from pictures to the joint embedding space: a space-to-depth stem, 3x3 conv blocks (conv, batch
+    norm, ReLU; a 2x down-sampling after each but the first), global average pooling and a linear projection.
+
+    Args:
+        projection_dim: width of the output embedding.
+        channels: widths of the conv blocks.
+    """
+
+    def __init__(self, projection_dim: int, channels: tuple[int, ...]):
+        super().__init__()
+        # space-to-depth keeps fine stripes and dots visible to the first conv at half the cost (as the detector)
+        blocks, width = [nn.PixelUnshuffle(2)], 12
+        for i, out in enumerate(channels):
+            stride = 1 if i == 0 else 2
+            # batch norm, not group norm: normalising each picture on its own wipes out the global colour and
+            # brightness that tell "red" from "blue" and "at night" from "on the beach", and training collapsed
+            blocks += [nn.Conv2d(width, out, 3, stride=stride, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            width = out
+        self.features = nn.Sequential(*blocks)
+        self.projection = nn.Linear(width, projection_dim, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Maps pictures in [-1, 1], shape (N, 3, 64, 64), to unnormalised embeddings (N, projection_dim)."""
+        return self.projection(self.features(pixel_values).mean(dim=(2, 3)))
+
+
+def build_text_encoder(config: MiniClipConfig, tokenizer):
+    """A freshly initialised `CLIPTextModel` of the config's size that fits `tokenizer` (SD v1.x's settings:
+    quick GELU, 77 positions, the tokenizer's BOS/EOS/pad ids so that the pooled output is read at the EOS)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=config.projection_dim,
+        )
+    )
+
+
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> dict:
+    """CLIP's symmetric InfoNCE loss: cross-entropy of the scaled cosine similarities in both directions, the i-th
+    picture and i-th caption being the positive pair (Radford et al., 2021, Figure 3).
+
+    Args:
+        image_embeds: (N, D) picture embeddings, not necessarily normalised.
+        text_embeds: (N, D) caption embeddings, not necessarily normalised.
+        logit_scale: log of the inverse temperature, a scalar (CLIP's `t`, used as `exp(t)`).
+
+    Returns:
+        `{"image_to_text": ..., "text_to_image": ..., "loss": mean of the two}`.
+    """
+    image_embeds = F.normalize(image_embeds, dim=-1)
+    text_embeds = F.normalize(text_embeds, dim=-1)
+    logits = logit_scale.exp() * image_embeds @ text_embeds.T
+    labels = torch.arange(len(logits), device=logits.device)
+    image_to_text = F.cross_entropy(logits, labels)
+    text_to_image = F.cross_entropy(logits.T, labels)
+    return {
+        "image_to_text": image_to_text,
+        "text_to_image": text_to_image,
+        "loss": (image_to_text + text_to_image) / 2,
+    }
+
+
+def _sample_pairs(rng: random.Random, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+    scenes = [sample_scene(rng) for _ in range(batch_size)]
+    images = np.stack([np.asarray(render(scene)) for scene in scenes])
+    pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # every surface-form group: the base model must know held-out and indirect forms for alignment to be tested
+    return pixel_values, [caption(scene, rng) for scene in scenes]
+
+
+def _cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def train_mini_clip(config: MiniClipConfig, output_dir: str | Path) -> dict:
+    """Trains the mini-CLIP on fresh (render, caption) pairs and writes its text side.
+
+    Args:
+        config: sizes and training settings.
+        output_dir: folder that receives `text_encoder/` (a `CLIPTextModel`, safetensors, float32) and
+            `tokenizer/` (the real CLIP tokenizer); created if missing.
+
+    Returns:
+        A record: config, parameter counts, the loss over training (first and last 10% means, final value),
+        the learned temperature, and wall time.
+    """
+    from safetext.clip_tokenizer import build_clip_tokenizer
+
+    start = time.time()
+    output_dir = Path(output_dir)
+    torch.set_num_threads(config.num_threads)
+    rng = random.Random(config.seed)
+    tokenizer = build_clip_tokenizer(output_dir / "tokenizer", model_max_length=77)
+
+    # each model is initialised under its own reseeding, so one tower's size does not change the other's weights
+    torch.manual_seed(config.seed)
+    text_encoder = build_text_encoder(config, tokenizer)
+    torch.manual_seed(config.seed + 1)
+    text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+    vision_tower = VisionTower(config.projection_dim, config.vision_channels)
+    # CLIP's initial temperature 0.07
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    modules = nn.ModuleList([text_encoder, text_projection, vision_tower])
+    decay = [p for n, p in modules.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in modules.named_parameters() if p.ndim < 2 or "embedding" in n]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            # CLIP excludes gains, biases, embeddings and the temperature from weight decay
+            {"params": no_decay + [logit_scale], "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _cosine_with_warmup(step, config.lr_warmup_steps, config.max_train_steps)
+    )
+
+    modules.train()
+    losses = []
+    loop_start = time.time()
+    progress = tqdm(range(config.max_train_steps), desc="mini-CLIP", disable=None)
+    for _ in progress:
+        pixel_values, captions = _sample_pairs(rng, config.train_batch_size)
+        # padding to the longest caption, not to 77, is exact here: the causal mask hides later positions from the
+        # EOS token whose state is pooled, and it saves most of the text tower's compute
+        tokens = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt")
+        text_embeds = text_projection(text_encoder(input_ids=tokens.input_ids).pooler_output)
+        terms = contrastive_loss(vision_tower(pixel_values), text_embeds, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            # CLIP clips the inverse temperature at 100 to keep training stable
+            logit_scale.clamp_(0, math.log(100))
+        losses.append(terms["loss"].item())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{logit_scale.exp().item():.1f}")
+
+    loop_seconds = time.time() - loop_start
+    text_encoder.eval()
+    text_encoder.save_pretrained(output_dir / "text_encoder", safe_serialization=True)
+    tenth = max(len(losses) // 10, 1)
+    return {
+        "config": asdict(config),
+        "parameters": {
+            "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+            "vision_tower": sum(p.numel() for p in vision_tower.parameters()),
+        },
+        "loss_first_10pct": float(np.mean(losses[:tenth])),
+        "loss_last_10pct": float(np.mean(losses[-tenth:])),
+        "final_loss": losses[-1],
+        "losses": losses,
+        "logit_scale": logit_scale.exp().item(),
+        "seconds_per_step": loop_seconds / config.max_train_steps,
+        "wall_time_s": round(time.time() - start, 1),
+    }

@@ -1,0 +1,199 @@
+"""MiniWorld's diffusion model: a `UNet2DConditionModel` trained on the autoencoder's latents, conditioned on the
+frozen mini-CLIP's last hidden states, and saved as a complete Stable Diffusion pipeline folder.
+
+The recipe is SD v1's (diffusers' `train_text_to_image.py`): DDPM noise prediction with SD's scaled-linear betas
+(1000 steps, 0.00085 to 0.012), latents scaled by the VAE's `scaling_factor`, prompts tokenised and padded to 77
+tokens exactly as `StableDiffusionPipeline.encode_prompt` does, and a share of captions replaced by the empty
+prompt so that the pipeline's classifier-free guidance has an unconditional model to extrapolate from.
+"""
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from safetext.miniworld.captions import caption
+from safetext.miniworld.renderer import render
+from safetext.miniworld.scenes import sample_scene
+
+logger = logging.getLogger(__name__)
+
+SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+"""SD v1.x's noise schedule, used for training and written into the pipeline's scheduler."""
+
+
+@dataclass
+class UNetConfig:
+    """How the UNet is built and trained.
+
+    Args:
+        block_out_channels: widths of the UNet's three levels (16x16, 8x8, 4x4 latents); the two coarser levels
+            have cross-attention to the prompt.
+        layers_per_block: ResNet (and attention) layers per down block; up blocks have one more, as in diffusers.
+        attention_head_dim: diffusers' `attention_head_dim` (in `UNet2DConditionModel` it is the number of heads).
+        max_train_steps: optimisation steps, each on a fresh batch of scenes.
+        train_batch_size: (latent, caption) pairs per step.
+        learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
+        lr_warmup_steps: steps of linear warm-up.
+        caption_dropout: share of captions replaced by the empty prompt "", for classifier-free guidance.
+        seed: seed of the scenes, captions, noise and initialisation.
+        num_threads: torch CPU threads. One by default: on a shared two-core machine a second thread spends more
+            time waiting for a busy core than it saves (set 2 on two idle cores).
+    """
+
+    block_out_channels: tuple[int, ...] = (64, 96, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    max_train_steps: int = 900
+    train_batch_size: int = 64
+    learning_rate: float = 1e-3
+    lr_warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    seed: int = 0
+    num_threads: int = 1
+
+    def __post_init__(self):
+        if len(self.block_out_channels) != 3 or min(self.block_out_channels) < 1:
+            raise ValueError(f"block_out_channels must be three positive widths, got {self.block_out_channels}")
+        if any(width % 32 for width in self.block_out_channels):
+            # diffusers' UNet blocks use group norm with 32 groups
+            raise ValueError(f"block_out_channels must be multiples of 32, got {self.block_out_channels}")
+        for name in ("layers_per_block", "attention_head_dim", "max_train_steps", "train_batch_size", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.lr_warmup_steps < self.max_train_steps:
+            raise ValueError(
+                f"lr_warmup_steps must be in [0, max_train_steps={self.max_train_steps}), got {self.lr_warmup_steps}"
+            )
+
+
+def _sample_pairs(rng: random.Random, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, list[str]]:
+    scenes = [sample_scene(rng) for _ in range(batch_size)]
+    images = np.stack([np.asarray(render(scene)) for scene in scenes])
+    pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # every surface-form group, so the base model draws held-out and indirect forms of the restricted concepts
+    captions = [caption(scene, rng) for scene in scenes]
+    return pixel_values, ["" if rng.random() < caption_dropout else text for text in captions]
+
+
+def _cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def train_unet(config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, output_dir: str | Path) -> dict:
+    """Trains the UNet and writes the whole Stable Diffusion pipeline folder.
+
+    Args:
+        config: sizes and training settings.
+        clip_dir: folder with the mini-CLIP's `text_encoder/` and `tokenizer/` (from `train_mini_clip`).
+        vae_dir: folder with `vae/` (from `train_autoencoder`), whose config holds the latents' `scaling_factor`.
+        output_dir: folder for the pipeline (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+            `scheduler/`; safetensors, no safety checker); created if missing.
+
+    Returns:
+        A record: config, parameter count, losses and wall time.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    start = time.time()
+    torch.set_num_threads(config.num_threads)
+    rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    tokenizer = CLIPTokenizer.from_pretrained(Path(clip_dir) / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(Path(clip_dir) / "text_encoder", dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(Path(vae_dir) / "vae", torch_dtype=torch.float32)
+    # the text encoder and the autoencoder are frozen, as in SD: only the UNet learns
+    text_encoder.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
+
+    torch.manual_seed(config.seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        # attention at 8x8 and 4x4 (and the mid block) only: at 16x16 it attends over 256 positions, which costs
+        # most of a CPU step, while the 16x16 ResNets already see the fine patterns
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        attention_head_dim=config.attention_head_dim,
+        cross_attention_dim=text_encoder.config.hidden_size,
+    )
+    noise_scheduler = DDPMScheduler(**SD_BETAS)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _cosine_with_warmup(step, config.lr_warmup_steps, config.max_train_steps)
+    )
+    scaling_factor = vae.config.scaling_factor
+
+    unet.train()
+    losses = []
+    loop_start = time.time()
+    progress = tqdm(range(config.max_train_steps), desc="unet", disable=None)
+    for _ in progress:
+        pixel_values, captions = _sample_pairs(rng, config.train_batch_size, config.caption_dropout)
+        with torch.no_grad():
+            latents = vae.encode(pixel_values).latent_dist.sample(generator) * scaling_factor
+            # padded to 77 with <|endoftext|>, exactly as the pipeline's encode_prompt does at inference
+            input_ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            encoder_hidden_states = text_encoder(input_ids)[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+
+    loop_seconds = time.time() - loop_start
+    unet.eval()
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        # SD v1.4's sampler and settings (its scheduler_config.json), on the betas the UNet was trained with
+        scheduler=PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    tenth = max(len(losses) // 10, 1)
+    return {
+        "config": asdict(config),
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "loss_first_10pct": float(np.mean(losses[:tenth])),
+        "loss_last_10pct": float(np.mean(losses[-tenth:])),
+        "final_loss": losses[-1],
+        "losses": losses,
+        "seconds_per_step": loop_seconds / config.max_train_steps,
+        "wall_time_s": round(time.time() - start, 1),
+    }
