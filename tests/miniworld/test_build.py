@@ -142,6 +142,22 @@ def test_safetext_loads_the_built_text_encoder_in_float32_by_default(built):
     assert load_text_encoder(built).text_encoder.dtype == torch.float32
 
 
+def test_the_whole_build_is_reproducible(built, tmp_path):
+    assert main(["--out", str(tmp_path / "again"), "--quick", "--seed", "3"]) == 0
+    for path in sorted(built.rglob("*.safetensors")):
+        first, second = load_file(path), load_file(tmp_path / "again" / path.relative_to(built))
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first), path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_build_refuses_an_absent_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "pipeline"), "--quick", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
 def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
     (tmp_path / "something").write_text("x")
     with pytest.raises(SystemExit) as exit_info:
@@ -160,6 +176,7 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: UNetConfig(caption_dropout=1.0), "caption_dropout"),
         (lambda: UNetConfig(max_train_steps=10, lr_warmup_steps=10), "lr_warmup_steps"),
         (lambda: BuildConfig(time_budget_s=0), "time_budget_s"),
+        (lambda: BuildConfig(device="abacus"), "device must be a torch device"),
     ],
 )
 def test_configs_reject_bad_values(make, message):

@@ -45,7 +45,7 @@ class AutoencoderConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
     latent_channels: int = 4
-    max_train_steps: int = 600
+    max_train_steps: int = 400
     train_batch_size: int = 16
     learning_rate: float = 1e-3
     kl_weight: float = 1e-4
@@ -77,12 +77,13 @@ def _sample_pictures(rng: random.Random, batch_size: int) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path) -> dict:
+def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path, device: str = "cpu") -> dict:
     """Trains the autoencoder on fresh renders and writes it as `output_dir/vae/` (diffusers layout, safetensors).
 
     Args:
         config: sizes and training settings.
         output_dir: folder that receives `vae/`; created if missing.
+        device: where to train (`"cpu"`, `"cuda"`, ...); the pictures and noise are the same on every device.
 
     Returns:
         A record: config, parameter count, losses, the measured latent standard deviation and `scaling_factor`, the
@@ -106,6 +107,7 @@ def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path) -> dict
         latent_channels=config.latent_channels,
         sample_size=64,
     )
+    vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.max_train_steps)
 
@@ -114,9 +116,11 @@ def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path) -> dict
     loop_start = time.time()
     progress = tqdm(range(config.max_train_steps), desc="autoencoder", disable=None)
     for _ in progress:
-        pixel_values = _sample_pictures(rng, config.train_batch_size)
+        pixel_values = _sample_pictures(rng, config.train_batch_size).to(device)
         posterior = vae.encode(pixel_values).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        # noise from a CPU generator, so that a run is the same draw on any device
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        latents = posterior.mean + posterior.std * noise
         reconstruction = vae.decode(latents).sample
         l1 = F.l1_loss(reconstruction, pixel_values)
         l2 = F.mse_loss(reconstruction, pixel_values)
@@ -136,15 +140,18 @@ def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path) -> dict
     held_out = random.Random(config.seed + 10_000)
     with torch.no_grad():
         sizes = [min(64, config.num_scaling_images - i) for i in range(0, config.num_scaling_images, 64)]
-        pictures = [_sample_pictures(held_out, size) for size in sizes]
-        latents = torch.cat([vae.encode(batch).latent_dist.sample(generator) for batch in pictures])
+        pictures = [_sample_pictures(held_out, size).to(device) for size in sizes]
+        posteriors = [vae.encode(batch).latent_dist for batch in pictures]
+        latents = torch.cat(
+            [p.mean + p.std * torch.randn(p.mean.shape, generator=generator).to(device) for p in posteriors]
+        )
         reconstruction_l1 = float(
             np.mean([F.l1_loss(vae.decode(vae.encode(b).latent_dist.mode()).sample, b).item() for b in pictures])
         )
     latent_std = float(latents.std())
     # SD scales latents to unit variance before diffusion (its 0.18215); the pipeline reads it from the config
     vae.register_to_config(scaling_factor=1.0 / latent_std)
-    vae.save_pretrained(Path(output_dir) / "vae", safe_serialization=True)
+    vae.to("cpu").save_pretrained(Path(output_dir) / "vae", safe_serialization=True)
     tenth = max(len(losses) // 10, 1)
     return {
         "config": asdict(config),

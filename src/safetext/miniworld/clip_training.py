@@ -183,13 +183,14 @@ def _cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def train_mini_clip(config: MiniClipConfig, output_dir: str | Path) -> dict:
+def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str = "cpu") -> dict:
     """Trains the mini-CLIP on fresh (render, caption) pairs and writes its text side.
 
     Args:
         config: sizes and training settings.
         output_dir: folder that receives `text_encoder/` (a `CLIPTextModel`, safetensors, float32) and
             `tokenizer/` (the real CLIP tokenizer); created if missing.
+        device: where to train (`"cpu"`, `"cuda"`, ...); the scenes and captions are the same on every device.
 
     Returns:
         A record: config, parameter counts, the loss over training (first and last 10% means, final value),
@@ -211,7 +212,8 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path) -> dict:
     vision_tower = VisionTower(config.projection_dim, config.vision_channels)
     # CLIP's initial temperature 0.07
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    modules = nn.ModuleList([text_encoder, text_projection, vision_tower])
+    logit_scale = nn.Parameter(logit_scale.detach().to(device))
+    modules = nn.ModuleList([text_encoder, text_projection, vision_tower]).to(device)
     decay = [p for n, p in modules.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in modules.named_parameters() if p.ndim < 2 or "embedding" in n]
     optimizer = torch.optim.AdamW(
@@ -236,9 +238,9 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path) -> dict:
         pixel_values, captions = _sample_pairs(rng, config.train_batch_size)
         # padding to the longest caption, not to 77, is exact here: the causal mask hides later positions from the
         # EOS token whose state is pooled, and it saves most of the text tower's compute
-        tokens = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt")
-        text_embeds = text_projection(text_encoder(input_ids=tokens.input_ids).pooler_output)
-        terms = contrastive_loss(vision_tower(pixel_values), text_embeds, logit_scale)
+        input_ids = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt").input_ids
+        text_embeds = text_projection(text_encoder(input_ids=input_ids.to(device)).pooler_output)
+        terms = contrastive_loss(vision_tower(pixel_values.to(device)), text_embeds, logit_scale)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -251,7 +253,7 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path) -> dict:
 
     loop_seconds = time.time() - loop_start
     text_encoder.eval()
-    text_encoder.save_pretrained(output_dir / "text_encoder", safe_serialization=True)
+    text_encoder.to("cpu").save_pretrained(output_dir / "text_encoder", safe_serialization=True)
     tenth = max(len(losses) // 10, 1)
     return {
         "config": asdict(config),

@@ -93,7 +93,9 @@ def _cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def train_unet(config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, output_dir: str | Path) -> dict:
+def train_unet(
+    config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, output_dir: str | Path, device: str = "cpu"
+) -> dict:
     """Trains the UNet and writes the whole Stable Diffusion pipeline folder.
 
     Args:
@@ -102,6 +104,7 @@ def train_unet(config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, ou
         vae_dir: folder with `vae/` (from `train_autoencoder`), whose config holds the latents' `scaling_factor`.
         output_dir: folder for the pipeline (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
             `scheduler/`; safetensors, no safety checker); created if missing.
+        device: where to train (`"cpu"`, `"cuda"`, ...); the scenes, captions and noise are the same on every device.
 
     Returns:
         A record: config, parameter count, losses and wall time.
@@ -135,6 +138,9 @@ def train_unet(config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, ou
         attention_head_dim=config.attention_head_dim,
         cross_attention_dim=text_encoder.config.hidden_size,
     )
+    text_encoder.to(device)
+    vae.to(device)
+    unet.to(device)
     noise_scheduler = DDPMScheduler(**SD_BETAS)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -149,7 +155,11 @@ def train_unet(config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, ou
     for _ in progress:
         pixel_values, captions = _sample_pairs(rng, config.train_batch_size, config.caption_dropout)
         with torch.no_grad():
-            latents = vae.encode(pixel_values).latent_dist.sample(generator) * scaling_factor
+            posterior = vae.encode(pixel_values.to(device)).latent_dist
+            # noise from a CPU generator, so that a run is the same draw on any device
+            latents = (
+                posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+            ) * scaling_factor
             # padded to 77 with <|endoftext|>, exactly as the pipeline's encode_prompt does at inference
             input_ids = tokenizer(
                 captions,
@@ -158,9 +168,10 @@ def train_unet(config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, ou
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
-            encoder_hidden_states = text_encoder(input_ids)[0]
-        noise = torch.randn(latents.shape, generator=generator)
+            encoder_hidden_states = text_encoder(input_ids.to(device))[0]
+        noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        timesteps = timesteps.to(device)
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
         loss = F.mse_loss(prediction, noise)
@@ -175,10 +186,10 @@ def train_unet(config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, ou
     loop_seconds = time.time() - loop_start
     unet.eval()
     pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=vae.to("cpu"),
+        text_encoder=text_encoder.to("cpu"),
         tokenizer=tokenizer,
-        unet=unet,
+        unet=unet.to("cpu"),
         # SD v1.4's sampler and settings (its scheduler_config.json), on the betas the UNet was trained with
         scheduler=PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None,
