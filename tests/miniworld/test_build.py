@@ -2,12 +2,16 @@
 
 import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import safetext
 from safetext.miniworld.autoencoder_training import AutoencoderConfig, train_autoencoder
 from safetext.miniworld.build import RECORD_NAME, BuildConfig, main
 from safetext.miniworld.clip_training import MiniClipConfig, contrastive_loss, train_mini_clip
@@ -140,6 +144,29 @@ def test_safetext_loads_the_built_text_encoder_in_float32_by_default(built):
     from safetext.loading import load_text_encoder
 
     assert load_text_encoder(built).text_encoder.dtype == torch.float32
+
+
+def test_align_and_generate_treat_the_built_pipeline_as_sd(tmp_path, capsys):
+    from safetext.cli import main as safetext_main
+    from safetext.miniworld.build import build
+
+    model = tmp_path / "model"
+    # full precision: see the xfail above; safetext align trains whatever dtype the loader gives it
+    record = build(model, replace(BuildConfig.quick(), half_precision=False))
+    assert record["half_precision_files"] == []
+    prompts = Path(safetext.__file__).parent / "miniworld" / "prompts"
+    aligned, images = tmp_path / "aligned", tmp_path / "images"
+    align = ["align", "--model", model, "--unsafe", prompts / "miniworld-train.csv", "--safe"]
+    align += [prompts / "miniworld-safe.csv", "--out", aligned, "--no-progress", "--max-prompts", "20"]
+    align += ["--max-train-steps", "2", "--train-batch-size", "2"]
+    assert safetext_main([str(a) for a in align]) == 0, capsys.readouterr().err
+    generate = ["generate", "--model", aligned, "--prompts", prompts / "miniworld-heldout.csv", "--out", images]
+    generate += ["--no-progress", "--max-prompts", "2", "--num-inference-steps", "2"]
+    assert safetext_main([str(a) for a in generate]) == 0, capsys.readouterr().err
+    pictures = sorted(images.glob("*.png"))
+    assert len(pictures) == 2
+    with Image.open(pictures[0]) as picture:
+        assert picture.size == (64, 64)
 
 
 def test_the_whole_build_is_reproducible(built, tmp_path):
