@@ -96,6 +96,7 @@ def load_text_encoder(pretrained_model_name_or_path, revision: str | None = None
         SafeTextError: the folder has no text encoder or tokenizer, holds only pickled weights, or the tokenizer's
             vocabulary does not fit the encoder's embedding table.
     """
+    import torch
     from transformers import AutoModel, AutoTokenizer
 
     root, downloaded = _resolve(pretrained_model_name_or_path, revision)
@@ -136,7 +137,8 @@ def load_text_encoder(pretrained_model_name_or_path, revision: str | None = None
         raise SafeTextError(f"{tokenizer_dir}: could not load the tokenizer ({_first_line(error)})") from None
     try:
         text_encoder = AutoModel.from_pretrained(
-            encoder_dir, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype
+            # float32 unless asked: transformers would otherwise keep the stored dtype (fp16 weights train badly)
+            encoder_dir, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype or torch.float32
         )
     except Exception as error:
         raise SafeTextError(f"{encoder_dir}: could not load the text encoder ({_first_line(error)})") from None
