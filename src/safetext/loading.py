@@ -138,7 +138,10 @@ def load_text_encoder(pretrained_model_name_or_path, revision: str | None = None
     try:
         text_encoder = AutoModel.from_pretrained(
             # float32 unless asked: transformers would otherwise keep the stored dtype (fp16 weights train badly)
-            encoder_dir, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype or torch.float32
+            encoder_dir,
+            use_safetensors=True,
+            trust_remote_code=False,
+            dtype=torch_dtype or torch.float32,
         )
     except Exception as error:
         raise SafeTextError(f"{encoder_dir}: could not load the text encoder ({_first_line(error)})") from None
