@@ -102,6 +102,14 @@ def test_built_folder_is_a_stable_diffusion_pipeline_that_draws_64px_pictures(bu
     assert pipeline.scheduler.config.beta_schedule == "scaled_linear"
     assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
     assert pipeline.safety_checker is None
+    # SD v1.4's tokenizer files
+    assert sorted(path.name for path in (built / "tokenizer").iterdir()) == [
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
+    assert pipeline.tokenizer.model_max_length == 77 and len(pipeline.tokenizer) == 49408
     image = pipeline(
         "a photo of a red striped ball on the beach",
         num_inference_steps=2,

@@ -10,6 +10,7 @@ prompt so that the pipeline's classifier-free guidance has an unconditional mode
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -197,6 +198,10 @@ def train_unet(
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(output_dir, safe_serialization=True)
+    # SD v1.4's tokenizer/ holds vocab.json and merges.txt, the files the mini-CLIP stage wrote; transformers saves
+    # the same tokenizer as one tokenizer.json of more than twice their size
+    shutil.rmtree(Path(output_dir) / "tokenizer")
+    shutil.copytree(Path(clip_dir) / "tokenizer", Path(output_dir) / "tokenizer")
     tenth = max(len(losses) // 10, 1)
     return {
         "config": asdict(config),
