@@ -143,25 +143,26 @@ def test_safetext_loads_the_built_text_encoder_as_for_sd(built):
     assert len(loaded.tokenizer) == loaded.text_encoder.config.vocab_size
 
 
-@pytest.mark.xfail(
-    reason="load_text_encoder passes dtype=None, which transformers 5 reads as the stored dtype (float16 here), "
-    "not the float32 its docstring promises; fixed by defaulting to torch.float32 in safetext/loading.py",
-    strict=False,
-)
 def test_safetext_loads_the_built_text_encoder_in_float32_by_default(built):
     from safetext.loading import load_text_encoder
 
     assert load_text_encoder(built).text_encoder.dtype == torch.float32
 
 
-def test_align_and_generate_treat_the_built_pipeline_as_sd(tmp_path, capsys):
-    from safetext.cli import main as safetext_main
+def test_a_full_precision_build_stores_float32(tmp_path):
     from safetext.miniworld.build import build
 
-    model = tmp_path / "model"
-    # full precision: see the xfail above; safetext align trains whatever dtype the loader gives it
-    record = build(model, replace(BuildConfig.quick(), half_precision=False))
+    record = build(tmp_path / "model", replace(BuildConfig.quick(), half_precision=False))
     assert record["half_precision_files"] == []
+    for path in (tmp_path / "model").rglob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"F32"}, path
+
+
+def test_align_and_generate_treat_the_built_pipeline_as_sd(built, tmp_path, capsys):
+    from safetext.cli import main as safetext_main
+
+    model = built
     prompts = Path(safetext.__file__).parent / "miniworld" / "prompts"
     aligned, images = tmp_path / "aligned", tmp_path / "images"
     align = ["align", "--model", model, "--unsafe", prompts / "miniworld-train.csv", "--safe"]
