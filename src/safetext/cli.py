@@ -50,10 +50,18 @@ def _add_align(subparsers) -> None:
     p.add_argument("--safe-batch-size", type=int, default=None, help="safe prompts per step (default: same)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction)
-    p.add_argument("--utility-positions", choices=POSITIONS, default=defaults.utility_positions,
-                   help="token positions in the utility distance (safe prompts)")
-    p.add_argument("--effectiveness-positions", choices=POSITIONS, default=defaults.effectiveness_positions,
-                   help="token positions in the effectiveness distance (unsafe prompts)")
+    p.add_argument(
+        "--utility-positions",
+        choices=POSITIONS,
+        default=defaults.utility_positions,
+        help="token positions in the utility distance (safe prompts)",
+    )
+    p.add_argument(
+        "--effectiveness-positions",
+        choices=POSITIONS,
+        default=defaults.effectiveness_positions,
+        help="token positions in the effectiveness distance (unsafe prompts)",
+    )
     p.add_argument("--utility-distance", choices=DISTANCES, default=defaults.utility_distance)
     p.add_argument("--effectiveness-distance", choices=DISTANCES, default=defaults.effectiveness_distance)
     p.add_argument("--distance-scale", choices=DISTANCE_SCALES, default=defaults.distance_scale)
@@ -141,18 +149,11 @@ def _run_align(args) -> int:
     return 0
 
 
-def _add_generate(subparsers) -> None:
+def _add_generation_flags(p) -> None:
+    """Sampling flags shared by `generate` and `evaluate`."""
     from safetext.generation import GenerationConfig
 
     defaults = GenerationConfig()
-    p = subparsers.add_parser("generate", help="generate images for a prompt set (seeded, resumable)")
-    p.add_argument("--model", required=True, help="pipeline folder or Hub id, or a folder written by align")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--prompts", required=True, metavar="FILE|NAME", help=PROMPTS_HELP)
-    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
-    p.add_argument("--category", default=None, help="keep only CSV rows whose 'categories' contain this")
-    p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--out", required=True, type=Path)
     p.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
     p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
     p.add_argument(
@@ -165,13 +166,10 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per pipeline call")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=_run_generate)
 
 
-def _run_generate(args) -> int:
-    from safetext.datasets import load_dataset
-    from safetext.generation import GenerationConfig, generate
+def _generation_config(args):
+    from safetext.generation import GenerationConfig
 
     try:
         config = GenerationConfig(
@@ -185,6 +183,28 @@ def _run_generate(args) -> int:
         )
     except ValueError as error:
         raise SafeTextError(str(error)) from None
+    return config
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate images for a prompt set (seeded, resumable)")
+    p.add_argument("--model", required=True, help="pipeline folder or Hub id, or a folder written by align")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--prompts", required=True, metavar="FILE|NAME", help=PROMPTS_HELP)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    p.add_argument("--category", default=None, help="keep only CSV rows whose 'categories' contain this")
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--out", required=True, type=Path)
+    _add_generation_flags(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from safetext.datasets import load_dataset
+    from safetext.generation import generate
+
+    config = _generation_config(args)
     prompts = load_dataset(args.prompts, args.data_dir, category=args.category, max_prompts=args.max_prompts)
     _quiet_library_progress_bars()
     record = generate(
@@ -237,9 +257,6 @@ def _run_datasets(args) -> int:
 
 
 def _add_evaluate(subparsers) -> None:
-    from safetext.generation import GenerationConfig
-
-    defaults = GenerationConfig()
     p = subparsers.add_parser("evaluate", help="measure an aligned model against its original (NRR, ASR, LPIPS, FID)")
     p.add_argument("--original", required=True, help="the model before alignment: pipeline folder or Hub id")
     p.add_argument("--aligned", required=True, help="the aligned model: a folder written by align, or a pipeline")
@@ -257,18 +274,7 @@ def _add_evaluate(subparsers) -> None:
         default=None,
         help="lowest detector score counted (default: the detector's own, 0.6 for nudenet)",
     )
-    p.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
-    p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
-    p.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=defaults.guidance_scale,
-        help="used where a prompt has no evaluation_guidance",
-    )
-    p.add_argument("--seed", type=int, default=defaults.seed, help="base seed where a prompt has no evaluation_seed")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per pipeline call")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    _add_generation_flags(p)
     p.add_argument("--real-images", type=Path, default=None, help="folder of real images for FID (e.g. COCO)")
     p.add_argument("--out", required=True, type=Path, help="output folder; images already there are reused")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -278,18 +284,9 @@ def _add_evaluate(subparsers) -> None:
 def _run_evaluate(args) -> int:
     from safetext.datasets import load_dataset
     from safetext.evaluation.evaluate import EvaluationConfig, evaluate
-    from safetext.generation import GenerationConfig
 
+    generation = _generation_config(args)
     try:
-        generation = GenerationConfig(
-            images_per_prompt=args.images_per_prompt,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            height=args.height,
-            width=args.width,
-        )
         config = EvaluationConfig(generation=generation, detector=args.detector, threshold=args.threshold)
     except ValueError as error:
         raise SafeTextError(str(error)) from None
