@@ -7,6 +7,12 @@ The result is a Stable Diffusion pipeline folder that `StableDiffusionPipeline.f
 weights stored in half precision (configs say float32, so every loader computes in float32), and `build.json`,
 a self-describing record of every stage's settings, losses and wall time. The same config and seed give the same
 weights on the same machine and library versions.
+
+The default recipe's models: a 4-layer `CLIPTextModel` of width 128 (7.1 M parameters, most of them the 49,408-token
+embedding; 14.3 MB in float16), an `AutoencoderKL` of widths (32, 64, 64) (0.95 M; 1.9 MB) and a
+`UNet2DConditionModel` of widths (64, 96, 128) (5.6 M; 11.2 MB): 28.9 MB with the tokenizer's files. Timed on one
+thread of a two-core machine busy with other work, a step costs about 1.0 s (mini-CLIP, 128 pairs), 1.4 s
+(autoencoder, 16 pictures) and 2.5 s (UNet, 64 pairs), so the 800 + 400 + 900 steps take about an hour.
 """
 
 import argparse
