@@ -211,8 +211,7 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
     text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
     vision_tower = VisionTower(config.projection_dim, config.vision_channels)
     # CLIP's initial temperature 0.07
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    logit_scale = nn.Parameter(logit_scale.detach().to(device))
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
     modules = nn.ModuleList([text_encoder, text_projection, vision_tower]).to(device)
     decay = [p for n, p in modules.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in modules.named_parameters() if p.ndim < 2 or "embedding" in n]
