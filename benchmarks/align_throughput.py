@@ -82,7 +82,7 @@ def prompts(kind: str, n: int):
 
 def time_uncached_step(model_dir: Path, batch_size: int, repeats: int) -> float:
     """One step as it would run without the cache: the reference comes from a frozen copy, every step."""
-    from safetext.conditioning import TextConditioner, position_mask
+    from safetext.conditioning import TextConditioner, TokenizedPrompts, position_mask
     from safetext.loading import load_text_encoder
     from safetext.losses import safetext_loss
 
@@ -90,23 +90,19 @@ def time_uncached_step(model_dir: Path, batch_size: int, repeats: int) -> float:
     conditioner = TextConditioner.for_encoder(loaded.tokenizer, loaded.text_encoder, bare=False)
     reference_encoder = copy.deepcopy(loaded.text_encoder)
     trained = loaded.text_encoder.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-5, fused=True)  # as the alignment loop does
     unsafe = conditioner.tokenize(prompts("unsafe", batch_size).prompts)
     safe = conditioner.tokenize(prompts("safe", batch_size).prompts)
+    both = TokenizedPrompts.concatenate([unsafe, safe])
+    unsafe_mask = position_mask(unsafe.attention_mask, "no_bos")
+    safe_mask = position_mask(safe.attention_mask, "all")
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
         with torch.no_grad():
-            ref_u, ref_s = conditioner.encode(reference_encoder, unsafe), conditioner.encode(reference_encoder, safe)
-        terms = safetext_loss(
-            conditioner.encode(trained, safe),
-            ref_s,
-            position_mask(safe.attention_mask, "no_bos"),
-            conditioner.encode(trained, unsafe),
-            ref_u,
-            position_mask(unsafe.attention_mask, "no_bos"),
-            effectiveness_weight=1.0,
-        )
+            ref_u, ref_s = conditioner.encode(reference_encoder, both).split([batch_size, batch_size])
+        emb_u, emb_s = conditioner.encode(trained, both).split([batch_size, batch_size])
+        terms = safetext_loss(emb_s, ref_s, safe_mask, emb_u, ref_u, unsafe_mask, effectiveness_weight=0.5)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
@@ -121,6 +117,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="training steps (the first is warm-up)")
+    # the library's default batch: 8 unsafe + 8 safe prompts a step
     parser.add_argument("--batch-size", type=int, default=8, help="unsafe prompts per step (as many safe ones)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "align_throughput.json")
     args = parser.parse_args(argv)

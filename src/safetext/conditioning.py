@@ -26,6 +26,14 @@ class TokenizedPrompts:
     def select(self, indices) -> "TokenizedPrompts":
         return TokenizedPrompts(self.input_ids[indices], self.attention_mask[indices], truncated=0)
 
+    @staticmethod
+    def concatenate(parts: list["TokenizedPrompts"]) -> "TokenizedPrompts":
+        return TokenizedPrompts(
+            torch.cat([p.input_ids for p in parts]),
+            torch.cat([p.attention_mask for p in parts]),
+            truncated=sum(p.truncated for p in parts),
+        )
+
 
 class TextConditioner:
     """Turns prompts into conditioning tensors with a given text encoder.
