@@ -214,6 +214,32 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _add_miniworld(subparsers) -> None:
+    p = subparsers.add_parser("miniworld", help="MiniWorld, the small text-to-image model the project trains")
+    commands = p.add_subparsers(dest="miniworld_command", required=True, parser_class=_Parser)
+    build = commands.add_parser("build", help="retrain MiniWorld from scratch (seeded; about an hour on 2 CPU cores)")
+    build.add_argument("--out", required=True, type=Path, help="empty or missing folder for the pipeline")
+    build.add_argument("--quick", action="store_true", help="tiny models, a few steps per stage (a smoke test)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda (faster)")
+    build.set_defaults(run=_run_miniworld_build)
+
+
+def _run_miniworld_build(args) -> int:
+    from safetext.miniworld.build import BuildConfig, build
+
+    try:
+        config = (BuildConfig.quick if args.quick else BuildConfig)(seed=args.seed, device=args.device)
+        if args.out.exists() and any(args.out.iterdir()):
+            raise ValueError(f"{args.out}: not empty; the build writes into an empty or missing folder")
+    except ValueError as error:
+        raise SafeTextError(str(error)) from None
+    _quiet_library_progress_bars()
+    record = build(args.out, config)
+    print(f"MiniWorld pipeline written to {args.out} in {record['wall_time_s']:.0f} s")
+    return 0
+
+
 def _add_tiny_model(subparsers) -> None:
     p = subparsers.add_parser("tiny-model", help="write a tiny random pipeline with the real tokenizer, offline")
     p.add_argument("--family", default="sd", help="pipeline family (sd: SD 1.x-shaped)")
@@ -352,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_align(subparsers)
     _add_generate(subparsers)
     _add_tiny_model(subparsers)
+    _add_miniworld(subparsers)
     _add_evaluate(subparsers)
     _add_datasets(subparsers)
     return parser
