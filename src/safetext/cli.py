@@ -111,11 +111,8 @@ def _run_align(args) -> int:
         )
     except ValueError as error:
         raise SafeTextError(str(error)) from None
-    # transformers draws a bar for every weight load and save; on bad input it would stand before the one-line
-    # error, so the command shows only the alignment's own bar.
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
+    # before anything loads: a loading bar would otherwise stand in front of a one-line error on bad input
+    _quiet_library_progress_bars()
     unsafe, safe = {}, {}
     if args.recipe:
         unsafe, safe = load_recipe(args.recipe, args.data_dir)
