@@ -88,3 +88,66 @@ def test_not_a_pipeline_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SafeTextError, match="model_index.json"):
         generate(tmp_path / "empty", PROMPTS, tmp_path / "out", _config(), show_progress=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_write_the_same_images_as_one(tiny_sd, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS.prompts) + "\n")
+    flags = [
+        "--prompts",
+        str(prompts_file),
+        "--images-per-prompt",
+        "2",
+        "--num-inference-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seed",
+        "5",
+        "--no-progress",
+    ]
+    # both runs single-threaded: float results may differ in the last bits between thread counts
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
+    one = [sys.executable, "-m", "safetext.cli", "generate", "--model", str(tiny_sd), "--out", str(tmp_path / "one")]
+    two = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={_free_port()}",
+        "-m",
+        "safetext.cli",
+        "generate",
+        "--model",
+        str(tiny_sd),
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    for command in (one + flags, two + flags):
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+
+    record = json.loads((tmp_path / "two" / "generation.json").read_text())
+    assert record["cost"]["num_processes"] == 2
+    # one merged manifest, in plan order, and byte-identical images
+    assert (tmp_path / "two" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("*.png")) and len(names) == 6
+    for name in names:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name

@@ -169,11 +169,12 @@ def generate(
     Returns:
         The settings record written to `generation.json` (with counts and cost).
     """
-    from accelerate import PartialState
+    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     config = config or GenerationConfig()
-    state = PartialState()
+    # Accelerator, not PartialState: it reads the launcher's settings (ACCELERATE_USE_CPU for CPU workers included)
+    state = Accelerator()
     stopwatch = Stopwatch()
     output_dir = Path(output_dir)
     jobs = plan_images(prompts, config)
