@@ -1,5 +1,9 @@
 """Shared fixtures: tiny real models built from configs (seeded, offline) and small prompt sets."""
 
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +126,37 @@ def aligned_run(tiny_pipeline_dir, tmp_path_factory) -> AlignedRun:
     safe = {"safe": PromptSet(list(SAFE_PROMPTS))}
     align(tiny_pipeline_dir, unsafe, safe, output_dir, config, export_pipeline=True, show_progress=False)
     return AlignedRun(output_dir, config, list(UNSAFE_PROMPTS), list(SAFE_PROMPTS))
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Runs `python -m safetext.cli ARGS` in a subprocess, alone or as two CPU processes under `accelerate launch`.
+
+    `accelerate launch --cpu` starts a single process unless MPI is set up; `--multi_gpu` starts the processes with
+    torchrun, and ACCELERATE_USE_CPU=1 makes each one a gloo-connected CPU worker (DistributedType.MULTI_CPU). Both
+    kinds of run are single-threaded: float results may differ in the last bits between thread counts.
+    """
+
+    def run(args, processes=1):
+        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
+        launcher = [sys.executable]
+        if processes > 1:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            launcher += [
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                f"--num_processes={processes}",
+                "--num_machines=1",
+                "--mixed_precision=no",
+                "--dynamo_backend=no",
+                f"--main_process_port={port}",
+            ]
+        command = launcher + ["-m", "safetext.cli", *[str(a) for a in args]]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return completed
+
+    return run

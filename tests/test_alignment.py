@@ -3,12 +3,8 @@
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -408,48 +404,29 @@ def test_bare_encoder_with_export_pipeline_is_refused_before_training(tiny_bert_
 # --- two processes with Accelerate ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_cpu_processes_match_one_process_with_the_global_batch(tiny_pipeline_dir, prompt_lists, tmp_path):
+def test_two_cpu_processes_match_one_process_with_the_global_batch(tiny_pipeline_dir, prompt_lists, tmp_path, run_cli):
     unsafe_file, safe_file = tmp_path / "unsafe.txt", tmp_path / "safe.txt"
     unsafe_file.write_text("\n".join(prompt_lists[0]) + "\n")
     safe_file.write_text("\n".join(prompt_lists[1]) + "\n")
     settings = {"max_train_steps": 3, "learning_rate": 1e-3, "heldout_fraction": 0.25, "checkpointing_steps": 2}
 
-    # `accelerate launch --cpu` starts a single process unless MPI is set up; `--multi_gpu` starts the processes
-    # with torchrun, and ACCELERATE_USE_CPU=1 makes each one a gloo-connected CPU worker (DistributedType.MULTI_CPU).
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        f"--main_process_port={_free_port()}",
-        # the README's command: the real CLI as a module under accelerate launch
-        "-m",
-        "safetext.cli",
-        "align",
-        f"--model={tiny_pipeline_dir}",
-        f"--unsafe={unsafe_file}",
-        f"--safe={safe_file}",
-        f"--out={tmp_path / 'two'}",
-        f"--max-train-steps={settings['max_train_steps']}",
-        f"--learning-rate={settings['learning_rate']}",
-        f"--heldout-fraction={settings['heldout_fraction']}",
-        f"--checkpointing-steps={settings['checkpointing_steps']}",
-        "--train-batch-size=2",
-        "--no-progress",
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    # the README's command: the real CLI as a module under accelerate launch
+    run_cli(
+        [
+            "align",
+            f"--model={tiny_pipeline_dir}",
+            f"--unsafe={unsafe_file}",
+            f"--safe={safe_file}",
+            f"--out={tmp_path / 'two'}",
+            f"--max-train-steps={settings['max_train_steps']}",
+            f"--learning-rate={settings['learning_rate']}",
+            f"--heldout-fraction={settings['heldout_fraction']}",
+            f"--checkpointing-steps={settings['checkpointing_steps']}",
+            "--train-batch-size=2",
+            "--no-progress",
+        ],
+        processes=2,
+    )
 
     # Each process takes its half of every global batch of 2 x 2 prompts, so one process with batches of 4 sees
     # the same data, and DDP's averaged gradient is the gradient of the mean over the global batch.

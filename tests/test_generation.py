@@ -90,19 +90,7 @@ def test_not_a_pipeline_folder(tmp_path):
         generate(tmp_path / "empty", PROMPTS, tmp_path / "out", _config(), show_progress=False)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_processes_write_the_same_images_as_one(tiny_sd, tmp_path):
-    import os
-    import subprocess
-    import sys
-
+def test_two_processes_write_the_same_images_as_one(tiny_sd, tmp_path, run_cli):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS.prompts) + "\n")
     flags = [
@@ -118,30 +106,8 @@ def test_two_processes_write_the_same_images_as_one(tiny_sd, tmp_path):
         "5",
         "--no-progress",
     ]
-    # both runs single-threaded: float results may differ in the last bits between thread counts
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
-    one = [sys.executable, "-m", "safetext.cli", "generate", "--model", str(tiny_sd), "--out", str(tmp_path / "one")]
-    two = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        f"--main_process_port={_free_port()}",
-        "-m",
-        "safetext.cli",
-        "generate",
-        "--model",
-        str(tiny_sd),
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    for command in (one + flags, two + flags):
-        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert completed.returncode == 0, completed.stderr[-3000:]
+    for out, processes in (("one", 1), ("two", 2)):
+        run_cli(["generate", "--model", tiny_sd, "--out", tmp_path / out, *flags], processes=processes)
 
     record = json.loads((tmp_path / "two" / "generation.json").read_text())
     assert record["cost"]["num_processes"] == 2
