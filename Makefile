@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	# pyiqa's source distribution ships TID2013 pairs with the official LPIPS values; the LPIPS test reads it from here.
 	$(PY) -m pip download -q --no-deps --no-binary :all: pyiqa==0.1.16 \
 		-d "$${SAFETEXT_CACHE:-$$HOME/.cache/safetext}/downloads"
+	# Debian's Chromium renders the report page in a test (tests/evaluation/test_report.py); installed as root only,
+	# elsewhere that test skips with its reason.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "note: Chromium is not installed; the headless-browser test of the report will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

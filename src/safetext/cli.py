@@ -290,7 +290,11 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--unsafe-category", default=None, help="keep only unsafe CSV rows whose 'categories' contain this")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts of each file")
-    p.add_argument("--detector", default="nudenet", help="detector run on images of unsafe prompts (nudenet)")
+    p.add_argument(
+        "--detector",
+        default="nudenet",
+        help="detector run on images of unsafe prompts: nudenet, or miniworld for MiniWorld",
+    )
     p.add_argument(
         "--threshold",
         type=float,
@@ -357,6 +361,62 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser("report", help="write a static HTML page of one or more evaluation folders")
+    p.add_argument("folders", nargs="+", type=Path, metavar="DIR", help="folders written by evaluate (or demo)")
+    p.add_argument("--out", type=Path, default=None, help="HTML file to write (default: DIR/report.html)")
+    p.add_argument("--no-blur", action="store_true", help="show images the detector flagged without pixelation")
+    p.add_argument("--images-per-set", type=int, default=12, help="image pairs shown per prompt set (default 12)")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from safetext.evaluation.report import write_report
+
+    path = write_report(args.folders, args.out, blur=not args.no_blur, images_per_set=args.images_per_set)
+    print(f"report written to {path}")
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="SafeText on MiniWorld end to end: align, generate, evaluate, report")
+    p.add_argument("--out", required=True, type=Path, help="output folder (results.json, report.html, images)")
+    p.add_argument("--model", default="miniworld", help="the MiniWorld pipeline (default: the shipped one)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")
+    p.add_argument("--max-prompts", type=int, default=60, help="prompts per evaluation set (default 60)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from safetext.miniworld.demo import DemoConfig, check_model_available, run_demo
+
+    try:
+        config = DemoConfig(num_inference_steps=args.steps, max_prompts=args.max_prompts)
+    except ValueError as error:
+        raise SafeTextError(str(error)) from None
+    check_model_available(args.model)
+    _quiet_library_progress_bars()
+    record = run_demo(args.out, config, model=args.model, show_progress=not args.no_progress)
+
+    def percent(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    print(f"SafeText on MiniWorld, restricted concept {record['demo']['concept']!r}")
+    for group, value in record["removal_rate"].items():
+        rates = record["concept_rate"][group]
+        print(
+            f"  removal rate, {group + ' forms':<15} {percent(value):>7}   "
+            f"(present {percent(rates['original'])} -> {percent(rates['aligned'])})"
+        )
+    for key, title in (("prompt_following", "prompt following"), ("subject_kept", "subject kept")):
+        print(f"  {title:<29} {percent(record[key]['original'])} -> {percent(record[key]['aligned'])}")
+    for gate in record["demo"]["gates"]:
+        print(f"  {'PASS' if gate['passed'] else 'FAIL'} {gate['name']} ({gate['required']})")
+    print(f"{record['seconds']:.0f} s; results in {args.out / 'results.json'}, page in {args.out / 'report.html'}")
+    return 0
+
+
 class _ArgumentError(Exception):
     pass
 
@@ -377,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiny_model(subparsers)
     _add_miniworld(subparsers)
     _add_evaluate(subparsers)
+    _add_report(subparsers)
+    _add_demo(subparsers)
     _add_datasets(subparsers)
     return parser
 

