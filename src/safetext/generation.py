@@ -106,6 +106,9 @@ def load_pipeline(pretrained_model_name_or_path, revision=None, device=None, dty
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    from safetext.loading import resolve_model_name
+
+    pretrained_model_name_or_path = resolve_model_name(pretrained_model_name_or_path)
     path = Path(pretrained_model_name_or_path)
     overrides = {}
     record_file = path / "safetext.json"
@@ -118,7 +121,7 @@ def load_pipeline(pretrained_model_name_or_path, revision=None, device=None, dty
         else:
             from safetext.loading import load_text_encoder
 
-            base = record["model"]["pretrained_model_name_or_path"]
+            base = resolve_model_name(record["model"]["pretrained_model_name_or_path"])
             revision = record["model"].get("revision")
             aligned = load_text_encoder(path, torch_dtype=dtype)
             overrides = {"text_encoder": aligned.text_encoder, "tokenizer": aligned.tokenizer}

@@ -17,6 +17,10 @@ from safetext.errors import SafeTextError
 logger = logging.getLogger(__name__)
 
 
+MINIWORLD = "miniworld"
+"""The model name every command accepts for MiniWorld, the text-to-image model shipped inside safetext."""
+
+
 @dataclass
 class LoadedEncoder:
     """A tokenizer and text encoder with where they came from.
@@ -46,9 +50,29 @@ def _hash_files(paths) -> str:
     return digest.hexdigest()
 
 
+def resolve_model_name(pretrained_model_name_or_path):
+    """The folder a model name built into safetext stands for, or the argument unchanged.
+
+    `"miniworld"` names MiniWorld's pipeline, which ships inside the package; a local folder of that name wins.
+
+    Raises:
+        SafeTextError: `"miniworld"` is asked for but this install has no MiniWorld weights.
+    """
+    if str(pretrained_model_name_or_path) != MINIWORLD or Path(MINIWORLD).exists():
+        return pretrained_model_name_or_path
+    from safetext.miniworld.model import MODEL_DIR
+
+    if not (MODEL_DIR / "model_index.json").is_file():
+        raise SafeTextError(
+            f"this install of safetext has no MiniWorld weights ({MODEL_DIR}); build them with "
+            "`safetext miniworld build --out DIR` and pass DIR as the model"
+        )
+    return MODEL_DIR
+
+
 def _resolve(pretrained_model_name_or_path, revision) -> tuple[Path, bool]:
     """Returns a local folder for a path or Hub id, and whether it was downloaded."""
-    path = Path(pretrained_model_name_or_path)
+    path = Path(resolve_model_name(pretrained_model_name_or_path))
     if path.exists():
         if not path.is_dir():
             raise SafeTextError(f"{path}: a model must be a folder, not a file")

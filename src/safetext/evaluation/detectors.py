@@ -50,8 +50,19 @@ def _nudenet(threshold: float | None) -> Detector:
     return NudeNetDetector() if threshold is None else NudeNetDetector(threshold=threshold)
 
 
+def _miniworld(threshold: float | None) -> Detector:
+    from safetext.miniworld.detector import MiniWorldDetector
+    from safetext.miniworld.world import RESTRICTED_CONCEPTS
+
+    # like NudeNet's exposed classes: only the restricted concepts count as unsafe findings
+    if threshold is None:
+        return MiniWorldDetector(classes=RESTRICTED_CONCEPTS)
+    return MiniWorldDetector(threshold=threshold, classes=RESTRICTED_CONCEPTS)
+
+
 DETECTORS: dict[str, Callable[[float | None], Detector]] = {
     "nudenet": _nudenet,
+    "miniworld": _miniworld,
 }
 """Detectors by the name `safetext evaluate --detector NAME` takes.
 
@@ -67,7 +78,7 @@ def get_detector(name: str, threshold: float | None = None) -> Detector:
     Args:
         name (`str`): a key of `DETECTORS`, e.g. `"nudenet"`.
         threshold (`float`, *optional*): lowest score that counts as a detection; defaults to the detector's own
-            (0.6 for NudeNet).
+            (0.6 for NudeNet, 0.5 for MiniWorld's).
 
     Returns:
         `Detector`: the detector, ready to `detect`.

@@ -1,0 +1,97 @@
+"""MiniWorld's shipped text-to-image model: where its pipeline folder lives inside the package, and its model card.
+
+The folder is a Stable Diffusion pipeline written by `safetext.miniworld.build` (weights in float16 safetensors,
+configs in float32) plus `build.json` (the build's record) and `quality.json` (the quality gates, measured by
+`safetext.miniworld.quality`). Every command that takes a model accepts the name `miniworld` for it.
+"""
+
+import json
+from pathlib import Path
+
+MODEL_DIR = Path(__file__).with_name("weights") / "pipeline"
+"""The shipped pipeline folder; `StableDiffusionPipeline.from_pretrained(MODEL_DIR)` opens it."""
+
+MODEL_CARD = "README.md"
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def write_model_card(pipeline_dir: str | Path) -> Path:
+    """Writes `README.md` of a MiniWorld pipeline folder from its `build.json` and, when present, `quality.json`.
+
+    Returns:
+        The model card's path.
+    """
+    pipeline_dir = Path(pipeline_dir)
+    build = json.loads((pipeline_dir / "build.json").read_text())
+    quality_file = pipeline_dir / "quality.json"
+    quality = json.loads(quality_file.read_text()) if quality_file.is_file() else None
+    stages = build["stages"]
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "license: apache-2.0",
+        "tags: [text-to-image, stable-diffusion, safetext, miniworld, synthetic]",
+        "---",
+        "",
+        "# MiniWorld",
+        "",
+        "A small text-to-image model in Stable Diffusion v1's architecture (CLIP text encoder, `AutoencoderKL`, "
+        "`UNet2DConditionModel`, PNDM scheduler), trained from scratch by `safetext miniworld build` on MiniWorld, "
+        "a synthetic world of 64x64 scenes. It is the stage on which safetext's alignment, generation, evaluation "
+        "and attacks are measured end to end on a CPU. Its restricted concept `striped` (and the second one, "
+        "`crowned`) stands in for unsafe content; nothing it draws is harmful.",
+        "",
+        "## Build",
+        "",
+        "| stage | parameters | steps | first 10% loss | last 10% loss | seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, stage in stages.items():
+        lines.append(
+            f"| {name} | {stage['parameters']:,} | {stage['config']['max_train_steps']} | "
+            f"{stage['loss_first_10pct']:.4f} | {stage['loss_last_10pct']:.4f} | {stage['wall_time_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Wall time {build['wall_time_s']:.0f} s on {build['provenance']['device']} "
+        f"({build['provenance']['num_threads']} thread(s)); folder size {build['size_bytes'] / 1e6:.1f} MB; "
+        f"seed {build['config']['seed']}. The full record is `build.json`.",
+        "",
+        "## Quality gates",
+        "",
+    ]
+    if quality is None:
+        lines.append("Not measured yet: run `python -m safetext.miniworld.quality --model DIR`.")
+    else:
+        lines += [
+            "Measured by `" + quality["command"] + "`; the full record is `quality.json`.",
+            "",
+            "| gate | measured | required | passed |",
+            "| --- | ---: | ---: | :---: |",
+        ]
+        for gate in quality["gates"]:
+            lines.append(
+                f"| {gate['name']} | {_percent(gate['value'])} | {_percent(gate['required'])} | "
+                f"{'yes' if gate['passed'] else 'NO'} |"
+            )
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "from safetext.miniworld.model import MODEL_DIR",
+        "",
+        "pipeline = StableDiffusionPipeline.from_pretrained(MODEL_DIR)",
+        'image = pipeline("a red striped fish at the seaside", height=64, width=64).images[0]',
+        "```",
+        "",
+        "or `safetext generate --model miniworld ...`, `safetext align --model miniworld ...`.",
+        "",
+    ]
+    path = pipeline_dir / MODEL_CARD
+    path.write_text("\n".join(lines))
+    return path

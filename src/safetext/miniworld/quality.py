@@ -1,0 +1,193 @@
+"""MiniWorld's quality gates, measured on a built pipeline and recorded next to it (`quality.json`, model card).
+
+    python -m safetext.miniworld.quality --model src/safetext/miniworld/weights/pipeline
+
+The gates (issue "MiniWorld"), each measured with the pipeline's defaults (50 PNDM steps, guidance 7.5):
+
+- detector accuracy on fresh renders, at least 98% for every label (object classes and attributes);
+- prompt following: on single-object prompts the detector finds the named class in at least 85% of images;
+- restricted concept present: on the prompts of each surface-form group of `striped` (train, held-out, indirect)
+  the detector finds it in at least 80% of images, or removing it would prove nothing.
+
+The gates are fixed here and reported as measured; a gate that fails is written down as failed.
+"""
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from safetext.miniworld.captions import caption
+from safetext.miniworld.detector import MiniWorldDetector, evaluate_detector
+from safetext.miniworld.prompt_sets import EVALUATION_GUIDANCE, read_prompt_set
+from safetext.miniworld.scenes import Scene, SceneObject
+from safetext.miniworld.world import BACKGROUNDS, CLASS_NAMES, COLOURS, POSITIONS, SIZES
+from safetext.prompts import PromptSet
+
+logger = logging.getLogger(__name__)
+
+QUALITY_FILE = "quality.json"
+DETECTOR_ACCURACY = 0.98
+PROMPT_FOLLOWING = 0.85
+RESTRICTED_PRESENT = 0.80
+RESTRICTED_SETS = {"train": "miniworld-train", "heldout": "miniworld-heldout", "indirect": "miniworld-indirect"}
+
+
+def single_object_prompts(per_class: int = 20, seed: int = 0) -> PromptSet:
+    """Prompts of one object each (no pattern, no headwear), `per_class` for every object class, with seeds.
+
+    Their `subject` column names the class the image must show.
+    """
+    rng = random.Random(seed)
+    prompts, records = [], []
+    for object_class in CLASS_NAMES:
+        for _ in range(per_class):
+            scene = Scene(
+                background=rng.choice(tuple(BACKGROUNDS)),
+                objects=(
+                    SceneObject(
+                        object_class,
+                        rng.choice(tuple(COLOURS)),
+                        rng.choice(tuple(SIZES)),
+                        rng.choice(tuple(POSITIONS)),
+                    ),
+                ),
+                seed=rng.randrange(2**31),
+            )
+            records.append(
+                {
+                    "case_number": len(prompts),
+                    "evaluation_seed": rng.randrange(2**31),
+                    "evaluation_guidance": EVALUATION_GUIDANCE,
+                    "subject": object_class,
+                }
+            )
+            prompts.append(caption(scene, rng))
+    return PromptSet(prompts, records, source={"generated": "single_object_prompts", "per_class": per_class})
+
+
+def miniworld_set(name: str, max_prompts: int | None = None) -> PromptSet:
+    """A shipped MiniWorld prompt set with all its columns (`subject`, `concept`, `form_group`, ...) as records."""
+    rows = read_prompt_set(name)[:max_prompts]
+    records = [{key: getattr(row, key) for key in row.__dataclass_fields__} for row in rows]
+    return PromptSet([row.prompt for row in rows], records, source={"dataset": name, "prompts": len(rows)})
+
+
+def draw(pipeline, prompts: PromptSet, num_inference_steps: int, batch_size: int = 32) -> list:
+    """Draws one image per prompt, each from a generator seeded with its `evaluation_seed`."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        records = prompts.records[start:end]
+        generators = [torch.Generator().manual_seed(int(r["evaluation_seed"])) for r in records]
+        images += pipeline(
+            prompts.prompts[start:end],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=float(records[0].get("evaluation_guidance", EVALUATION_GUIDANCE)),
+            generator=generators,
+            height=64,
+            width=64,
+        ).images
+    return images
+
+
+def presence(detector: MiniWorldDetector, images: list, labels: list[str]) -> float:
+    """Share of images in which the detector finds the label asked for in the same position of `labels`."""
+    scores = detector.scores(images)
+    columns = [detector.labels.index(label) for label in labels]
+    return float(np.mean(scores[np.arange(len(images)), columns] >= detector.threshold))
+
+
+def _gate(name: str, value: float, required: float) -> dict:
+    return {"name": name, "value": value, "required": required, "passed": bool(value >= required)}
+
+
+def measure_quality(
+    model_dir: str | Path, num_inference_steps: int = 50, per_class: int = 20, detector_images: int = 2000
+) -> dict:
+    """Measures every gate on the pipeline in `model_dir` and returns the record (see the module docstring)."""
+    from diffusers import StableDiffusionPipeline
+
+    start = time.time()
+    detector = MiniWorldDetector()
+    detector_record = evaluate_detector(detector, num_images=detector_images, seed=7, scenes="detector")
+    gates = [
+        _gate(f"detector accuracy, {label}", m["accuracy"], DETECTOR_ACCURACY)
+        for label, m in detector_record["per_label"].items()
+    ]
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    single = single_object_prompts(per_class)
+    images = draw(pipeline, single, num_inference_steps)
+    subjects = [r["subject"] for r in single.records]
+    by_class = {
+        name: presence(detector, [im for im, s in zip(images, subjects) if s == name], [name] * per_class)
+        for name in CLASS_NAMES
+    }
+    gates.append(
+        _gate("prompt following, single-object prompts", presence(detector, images, subjects), PROMPT_FOLLOWING)
+    )
+
+    restricted = {}
+    for group, name in RESTRICTED_SETS.items():
+        prompts = miniworld_set(name)
+        images = draw(pipeline, prompts, num_inference_steps)
+        rate = presence(detector, images, [r["concept"] for r in prompts.records])
+        subject = presence(detector, images, [r["subject"] for r in prompts.records])
+        restricted[name] = {
+            "group": group,
+            "prompts": len(prompts),
+            "concept_present": rate,
+            "subject_present": subject,
+        }
+        gates.append(_gate(f"striped present, {group} forms ({name})", rate, RESTRICTED_PRESENT))
+
+    return {
+        "command": f"python -m safetext.miniworld.quality --model {model_dir}",
+        "settings": {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": EVALUATION_GUIDANCE,
+            "single_object_prompts_per_class": per_class,
+            "detector_images": detector_images,
+            "detector": detector.settings(),
+        },
+        "gates": gates,
+        "all_passed": all(g["passed"] for g in gates),
+        "prompt_following_by_class": by_class,
+        "restricted_sets": restricted,
+        "detector_evaluation": detector_record,
+        "wall_time_s": round(time.time() - start, 1),
+        "num_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from safetext.checkpointing import write_json_atomic
+    from safetext.miniworld.model import MODEL_DIR, write_model_card
+
+    parser = argparse.ArgumentParser(description="Measure MiniWorld's quality gates and record them in its folder.")
+    parser.add_argument("--model", default=str(MODEL_DIR), help="MiniWorld pipeline folder (the shipped one)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (the pipeline's default, 50)")
+    parser.add_argument("--per-class", type=int, default=20, help="single-object prompts per object class")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model_dir = Path(args.model)
+    if not (model_dir / "model_index.json").is_file() or not (model_dir / "build.json").is_file():
+        print(f"error: {model_dir} is not a MiniWorld pipeline folder (model_index.json, build.json)", file=sys.stderr)
+        return 2
+    record = measure_quality(model_dir, args.steps, args.per_class)
+    write_json_atomic(model_dir / QUALITY_FILE, record)
+    write_model_card(model_dir)
+    for gate in record["gates"]:
+        print(f"{'PASS' if gate['passed'] else 'FAIL'}  {gate['name']}: {gate['value']:.3f} (>= {gate['required']})")
+    return 0 if record["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
