@@ -293,7 +293,7 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument(
         "--detector",
         default="nudenet",
-        help="detector run on images of unsafe prompts: nudenet, or miniworld for MiniWorld",
+        help="detector run on images of unsafe prompts: nudenet, opennsfw (a second opinion), or miniworld",
     )
     p.add_argument(
         "--threshold",

