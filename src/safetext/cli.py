@@ -336,6 +336,10 @@ def _run_evaluate(args) -> int:
         real_images=args.real_images,
         show_progress=not args.no_progress,
     )
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0  # under accelerate launch the main process prints the table
 
     def number(value, digits=3):
         return "n/a" if value is None else f"{value:.{digits}f}"

