@@ -33,17 +33,21 @@ def test_nudity_recipe_trains_on_i2p_sexual_against_coco_and_sixcd(prompts_dir):
 
 def test_nudity_heldout_sets_and_their_coco_captions_are_disjoint_from_training(prompts_dir):
     unsafe, safe = load_heldout("nudity", prompts_dir)
+    # UnlearnDiffAtk's prompts come from I2P: 115 of its 141 (and 27 of Lexica's 404) are training prompts
     assert {name: len(s) for name, s in unsafe.items()} == {
-        "unlearndiffatk-nudity": 141,
+        "unlearndiffatk-nudity": 141 - 115,
         "ring-a-bell": 58,
         "mma-diffusion": 812,
         "4chan": 500,
-        "lexica": 404,
+        "lexica": 404 - 27,
         "template": 30,
     }
-    assert {name: len(s) for name, s in safe.items()} == {"coco-10k-heldout": 9000, "sixcd-benign": 497}
-    _, train_safe = load_recipe("nudity", prompts_dir)
-    assert not set(safe["coco-10k-heldout"].prompts) & set(train_safe["coco"].prompts)
+    assert unsafe["unlearndiffatk-nudity"].source["removed_training_prompts"] == 115
+    assert "removed_training_prompts" not in unsafe["4chan"].source
+    assert {name: len(s) for name, s in safe.items()} == {"coco-10k-heldout": 9000}
+    train_unsafe, train_safe = load_recipe("nudity", prompts_dir)
+    training = {p for s in [*train_unsafe.values(), *train_safe.values()] for p in s.prompts}
+    assert not any(set(s.prompts) & training for s in [*unsafe.values(), *safe.values()])
     assert safe["coco-10k-heldout"].prompts == load_dataset("coco-10k", prompts_dir).prompts[1000:]
 
 

@@ -284,9 +284,14 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--original", required=True, help="the model before alignment: pipeline folder or Hub id")
     p.add_argument("--aligned", required=True, help="the aligned model: a folder written by align, or a pipeline")
     p.add_argument(
-        "--unsafe", action="append", required=True, metavar="FILE|NAME", help="unsafe prompts: " + PROMPTS_HELP
+        "--unsafe", action="append", default=[], metavar="FILE|NAME", help="unsafe prompts: " + PROMPTS_HELP
     )
-    p.add_argument("--safe", action="append", required=True, metavar="FILE|NAME", help="safe prompts: " + PROMPTS_HELP)
+    p.add_argument("--safe", action="append", default=[], metavar="FILE|NAME", help="safe prompts: " + PROMPTS_HELP)
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="evaluate on a recipe's held-out sets (training prompts removed); --unsafe/--safe sets are added",
+    )
     p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--unsafe-category", default=None, help="keep only unsafe CSV rows whose 'categories' contain this")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts of each file")
@@ -317,14 +322,24 @@ def _run_evaluate(args) -> int:
         config = EvaluationConfig(generation=generation, detector=args.detector, threshold=args.threshold)
     except ValueError as error:
         raise SafeTextError(str(error)) from None
-    taken: set = set()
-    unsafe = {
-        _set_name(f, taken): load_dataset(
+    unsafe, safe = {}, {}
+    if args.recipe:
+        from safetext.recipes import load_heldout
+
+        unsafe, safe = load_heldout(args.recipe, args.data_dir)
+        if args.max_prompts is not None:
+            unsafe, safe = (
+                {k: v.subset(range(min(len(v), args.max_prompts))) for k, v in d.items()} for d in (unsafe, safe)
+            )
+    if not (unsafe or args.unsafe) and not (safe or args.safe):
+        raise SafeTextError("give prompts to evaluate on: --unsafe FILE and/or --safe FILE, or --recipe NAME")
+    taken = set(unsafe) | set(safe)
+    for f in args.unsafe:
+        unsafe[_set_name(f, taken)] = load_dataset(
             f, args.data_dir, category=args.unsafe_category, max_prompts=args.max_prompts
         )
-        for f in args.unsafe
-    }
-    safe = {_set_name(f, taken): load_dataset(f, args.data_dir, max_prompts=args.max_prompts) for f in args.safe}
+    for f in args.safe:
+        safe[_set_name(f, taken)] = load_dataset(f, args.data_dir, max_prompts=args.max_prompts)
     _quiet_library_progress_bars()
     record = evaluate(
         args.original,

@@ -123,10 +123,10 @@ RECIPES = {
         safe={"coco": RecipeSet("coco-10k", stop=1000), "sixcd-benign": RecipeSet("sixcd-benign")},
         heldout=HeldoutSets(
             # UnlearnDiffAtk's prompts are I2P prompts (115 of its 141 are in i2p-sexual) and 27 of Lexica's 404
-            # are too: on those, the held-out figures include prompts the encoder was trained on.
+            # are too: load_heldout drops them, so these figures are on prompts the encoder never trained on.
             unsafe=_same("unlearndiffatk-nudity", "ring-a-bell", "mma-diffusion", "4chan", "lexica", "template"),
-            # sixcd-benign is also on the training side; only the COCO captions are disjoint from training.
-            safe={"coco-10k-heldout": RecipeSet("coco-10k", start=1000), "sixcd-benign": RecipeSet("sixcd-benign")},
+            # sixcd-benign is a training set, so it is not here; the COCO captions after the first 1,000 are.
+            safe={"coco-10k-heldout": RecipeSet("coco-10k", start=1000)},
         ),
     ),
     "miniworld-striped": _miniworld("striped", "miniworld"),
@@ -176,8 +176,27 @@ def load_recipe(name: str, data_dir=None) -> tuple[dict[str, PromptSet], dict[st
 def load_heldout(name: str, data_dir=None) -> tuple[dict[str, PromptSet], dict[str, PromptSet]]:
     """Reads the held-out unsafe and safe evaluation sets of a named recipe (the arguments of `load_recipe`).
 
+    A held-out set never holds a prompt of the recipe's training sets: such prompts are dropped, and the set's
+    `source` records how many (`removed_training_prompts`).
+
     Raises:
         SafeTextError: unknown recipe, or a set that cannot be found, downloaded or verified.
     """
     recipe = _get_recipe(name)
-    return _read(recipe.heldout.unsafe, data_dir), _read(recipe.heldout.safe, data_dir)
+    training = set()
+    for prompt_set in [*_read(recipe.unsafe, data_dir).values(), *_read(recipe.safe, data_dir).values()]:
+        training.update(prompt_set.prompts)
+    sides = []
+    for sets in (recipe.heldout.unsafe, recipe.heldout.safe):
+        side = {}
+        for set_name, prompt_set in _read(sets, data_dir).items():
+            kept = [i for i, prompt in enumerate(prompt_set.prompts) if prompt not in training]
+            removed = len(prompt_set) - len(kept)
+            if not kept:
+                raise SafeTextError(f"recipe {name!r}: every prompt of held-out set {set_name!r} is a training prompt")
+            if removed:
+                prompt_set = prompt_set.subset(kept)
+                prompt_set.source.update(prompts=len(kept), removed_training_prompts=removed)
+            side[set_name] = prompt_set
+        sides.append(side)
+    return sides[0], sides[1]

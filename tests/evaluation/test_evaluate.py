@@ -411,3 +411,26 @@ def test_cli_unreadable_generated_image_is_named_and_kept(cli_run, cli_inputs, m
     assert mtimes(out) == before and broken.read_bytes() == b"truncated"
     assert json.loads((out / "results.json").read_text()) == cli_run[1]
     assert os.path.exists(out / "i2p_detections.csv")
+
+
+def test_cli_evaluates_a_recipes_heldout_sets(tiny_pipeline_dir, metric_weights, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "evaluate", "--original", tiny_pipeline_dir, "--aligned", tiny_pipeline_dir, "--recipe", "miniworld-striped",
+        "--max-prompts", "2", "--detector", "miniworld", "--num-inference-steps", "1", "--height", "64",
+        "--width", "64", "--out", out, "--no-progress",
+    ]  # fmt: skip
+    code, _, stderr = run_cli(args)
+    assert code == 0, stderr
+    record = json.loads((out / "results.json").read_text())
+    assert {name: m["images"] for name, m in record["unsafe"].items()} == {
+        "miniworld-heldout": 2,
+        "miniworld-indirect": 2,
+    }
+    assert set(record["safe"]) == {"miniworld-neighbour", "miniworld-overerasure"}
+    assert record["settings"]["detector"]["name"] == "miniworld-detector"
+
+
+def test_cli_without_any_prompts_is_one_line(tiny_pipeline_dir, tmp_path):
+    args = ["evaluate", "--original", tiny_pipeline_dir, "--aligned", tiny_pipeline_dir, "--out", tmp_path / "o"]
+    assert_one_line_error(run_cli(args), "--recipe")
