@@ -50,13 +50,18 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, stage in stages.items():
+        parameters = stage["parameters"]
+        if isinstance(parameters, dict):  # the mini-CLIP stage counts its text and vision towers apart
+            parameters = ", ".join(f"{tower} {count:,}" for tower, count in parameters.items())
+        else:
+            parameters = f"{parameters:,}"
         lines.append(
-            f"| {name} | {stage['parameters']:,} | {stage['config']['max_train_steps']} | "
+            f"| {name} | {parameters} | {stage['config']['max_train_steps']} | "
             f"{stage['loss_first_10pct']:.4f} | {stage['loss_last_10pct']:.4f} | {stage['wall_time_s']:.0f} |"
         )
     lines += [
         "",
-        f"Wall time {build['wall_time_s']:.0f} s on {build['provenance']['device']} "
+        f"Wall time {build['wall_time_s']:.0f} s on {build['provenance']['device']['platform']} "
         f"({build['provenance']['num_threads']} thread(s)); folder size {build['size_bytes'] / 1e6:.1f} MB; "
         f"seed {build['config']['seed']}. The full record is `build.json`.",
         "",

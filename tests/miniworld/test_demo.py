@@ -1,0 +1,121 @@
+"""MiniWorld as a model name, its quality gates and the demo, on a quick build (tiny models, a few steps).
+
+The quick build draws noise, so these tests check the plumbing and the bookkeeping; the figures of the shipped
+model are measured by `python -m safetext.miniworld.quality` and `safetext demo`, and recorded in its model card.
+"""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from safetext.cli import main
+from safetext.config import AlignmentConfig
+from safetext.errors import SafeTextError
+from safetext.evaluation.detectors import get_detector
+from safetext.loading import load_text_encoder, resolve_model_name
+from safetext.miniworld import model as miniworld_model
+from safetext.miniworld.build import main as build_main
+from safetext.miniworld.demo import DemoConfig, run_demo
+from safetext.miniworld.quality import main as quality_main
+from safetext.miniworld.quality import measure_quality, single_object_prompts
+from safetext.miniworld.world import CLASS_NAMES, RESTRICTED_CONCEPTS, find_surface_forms
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("miniworld") / "pipeline"
+    assert build_main(["--out", str(output_dir), "--quick"]) == 0
+    return output_dir
+
+
+@pytest.fixture
+def shipped_at(monkeypatch):
+    """Points the name `miniworld` at another folder, as if that folder were the shipped one."""
+
+    def point(folder):
+        monkeypatch.setattr(miniworld_model, "MODEL_DIR", folder)
+
+    return point
+
+
+def test_the_name_miniworld_stands_for_the_shipped_folder(quick, shipped_at):
+    shipped_at(quick)
+    assert resolve_model_name("miniworld") == quick
+    assert resolve_model_name("some/other-model") == "some/other-model"
+    encoder = load_text_encoder("miniworld")
+    assert encoder.family == "sd" and encoder.source["pretrained_model_name_or_path"] == "miniworld"
+
+
+def test_without_shipped_weights_the_name_says_how_to_build_them(tmp_path, shipped_at):
+    shipped_at(tmp_path / "absent")
+    with pytest.raises(SafeTextError, match="safetext miniworld build"):
+        resolve_model_name("miniworld")
+
+
+def test_the_registry_builds_the_miniworld_detector_on_the_restricted_concepts():
+    detector = get_detector("miniworld")
+    assert detector.settings()["classes"] == list(RESTRICTED_CONCEPTS)
+    assert get_detector("miniworld", threshold=0.7).settings()["threshold"] == 0.7
+
+
+def test_single_object_prompts_name_one_class_and_no_attribute():
+    prompts = single_object_prompts(per_class=3)
+    assert len(prompts) == 3 * len(CLASS_NAMES)
+    assert sorted({r["subject"] for r in prompts.records}) == sorted(CLASS_NAMES)
+    assert not any(find_surface_forms(prompt) for prompt in prompts.prompts)
+    assert single_object_prompts(per_class=3).prompts == prompts.prompts
+
+
+def test_quality_gates_are_measured_and_written_into_the_model_card(quick, capsys):
+    record = measure_quality(quick, num_inference_steps=1, per_class=1, detector_images=24)
+    names = [gate["name"] for gate in record["gates"]]
+    assert sum(name.startswith("detector accuracy") for name in names) == len(
+        record["detector_evaluation"]["per_label"]
+    )
+    assert "prompt following, single-object prompts" in names
+    assert sum(name.startswith("striped present") for name in names) == 3
+    for gate in record["gates"]:
+        assert 0 <= gate["value"] <= 1 and gate["passed"] == (gate["value"] >= gate["required"])
+    assert record["all_passed"] == all(gate["passed"] for gate in record["gates"])
+
+    code = quality_main(["--model", str(quick), "--steps", "1", "--per-class", "1"])
+    assert code in (0, 1)
+    card = (quick / "README.md").read_text()
+    assert "## Quality gates" in card and "prompt following" in card
+    assert json.loads((quick / "quality.json").read_text())["settings"]["num_inference_steps"] == 1
+
+
+def test_quality_refuses_a_folder_that_is_not_miniworld(tmp_path, capsys):
+    assert quality_main(["--model", str(tmp_path)]) == 2
+    assert "not a MiniWorld pipeline folder" in capsys.readouterr().err
+
+
+def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
+    config = DemoConfig(
+        alignment=replace(AlignmentConfig(), learning_rate=1e-3, num_train_epochs=1, checkpointing_steps=0),
+        num_inference_steps=1,
+        max_prompts=2,
+    )
+    record = run_demo(tmp_path / "demo", config, model=quick, show_progress=False)
+    on_disk = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert on_disk["removal_rate"] == record["removal_rate"]
+    assert set(record["removal_rate"]) == {"train", "heldout", "indirect"}
+    for key in ("prompt_following", "subject_kept", "neighbour_kept"):
+        assert set(record[key]) == {"original", "aligned"}
+        assert all(0 <= value <= 1 for value in record[key].values())
+    for value in record["removal_rate"].values():
+        assert value is None or value <= 1
+    assert record["seconds"] > 0 and len(record["demo"]["gates"]) == 3
+    # the generic evaluation record is there too, with the MiniWorld detector
+    assert record["settings"]["detector"]["name"] == "miniworld-detector"
+    assert set(record["safe"]) == {"miniworld-safe", "miniworld-overerasure", "miniworld-neighbour"}
+    assert record["safe"]["miniworld-overerasure"]["images"] == 2
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert "removal rate, heldout forms" in page and "miniworld-overerasure" in page
+
+
+def test_demo_cli_refuses_a_missing_model_in_one_line(tmp_path, capsys):
+    assert main(["demo", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model_index.json" in err[0]
