@@ -117,3 +117,19 @@ def test_two_processes_write_the_same_images_as_one(tiny_sd, tmp_path, run_cli):
     assert names == sorted(p.name for p in (tmp_path / "two").glob("*.png")) and len(names) == 6
     for name in names:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_a_new_alignment_in_the_same_folder_does_not_reuse_old_images(aligned_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    aligned = tmp_path / "aligned"
+    shutil.copytree(aligned_run.output_dir, aligned)
+    out = tmp_path / "images"
+    generate(aligned, PROMPTS, out, _config(), show_progress=False)
+    # a second alignment writes other encoder weights into the same folder
+    (weights,) = (aligned / "text_encoder").glob("*.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(SafeTextError, match="other settings"):
+        generate(aligned, PROMPTS, out, _config(), show_progress=False)

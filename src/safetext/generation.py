@@ -11,6 +11,7 @@ temporary name and renamed, so an interrupted run loses at most the batch in fli
 finished image. `manifest.jsonl` lists every image with its prompt and seed; `generation.json` records the settings.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -185,6 +186,7 @@ def generate(
     settings = {
         "model": str(pretrained_model_name_or_path),
         "revision": revision,
+        "text_encoder_sha256": _aligned_encoder_sha256(pretrained_model_name_or_path),
         "config": asdict(config),
         "prompts": prompts.source,
         "images": len(jobs),
@@ -260,7 +262,23 @@ def generate(
 def _image_identity(settings: dict) -> dict:
     """What decides an image's pixels; the batch size does not (every image has its own generator)."""
     config = {k: v for k, v in settings.get("config", {}).items() if k != "batch_size"}
-    return {"model": settings.get("model"), "revision": settings.get("revision"), "config": config}
+    return {
+        "model": settings.get("model"),
+        "revision": settings.get("revision"),
+        "text_encoder_sha256": settings.get("text_encoder_sha256"),
+        "config": config,
+    }
+
+
+def _aligned_encoder_sha256(model) -> str | None:
+    """The sha256 of an aligned folder's encoder weights: a new alignment into the same folder draws new images."""
+    folder = Path(str(model))
+    if not (folder / "safetext.json").is_file():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted((folder / "text_encoder").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _batches(jobs: list[ImageJob], batch_size: int) -> list[list[ImageJob]]:

@@ -15,6 +15,7 @@ points, subject kept within 5 points) are recorded as passed or failed, never tu
 """
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,7 +117,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
 
     Args:
         output_dir: the demo's folder (`aligned/`, `images/`, per-image CSVs, `results.json`, `report.html`);
-            images already there from the same settings are reused.
+            a rerun aligns anew and redraws the aligned model's images, and reuses the original model's.
         config: the demo's settings.
         model: the MiniWorld pipeline (the shipped one by default).
         show_progress: show progress bars.
@@ -133,6 +134,9 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
     output_dir = Path(output_dir)
     start = time.time()
 
+    # Every run aligns anew, so the aligned model's images of an earlier run are stale; the original model's are
+    # reused when the settings match (the generation records say so, and refuse images made otherwise).
+    shutil.rmtree(output_dir / "images" / "aligned", ignore_errors=True)
     unsafe_train, safe_train = load_recipe(f"miniworld-{DESIGNATED_CONCEPT}")
     logger.info("aligning MiniWorld's text encoder against %r", DESIGNATED_CONCEPT)
     aligned = align(
