@@ -239,7 +239,7 @@ def _run_miniworld_build(args) -> int:
 
 def _add_tiny_model(subparsers) -> None:
     p = subparsers.add_parser("tiny-model", help="write a tiny random pipeline with the real tokenizer, offline")
-    p.add_argument("--family", default="sd", help="pipeline family (sd: SD 1.x-shaped)")
+    p.add_argument("--family", default="sd", help="pipeline family: sd (SD 1.x), sd2, sdxl, sd3 or flux")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
