@@ -220,6 +220,20 @@ def _add_miniworld(subparsers) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda (faster)")
     build.set_defaults(run=_run_miniworld_build)
+    quality = commands.add_parser("quality", help="measure a MiniWorld build's quality gates into its model card")
+    quality.add_argument("--model", default="miniworld", help="MiniWorld pipeline folder (default: the shipped one)")
+    quality.add_argument("--steps", type=int, default=50, help="denoising steps (the pipeline's default, 50)")
+    quality.add_argument("--per-class", type=int, default=20, help="single-object prompts per object class")
+    quality.set_defaults(run=_run_miniworld_quality)
+
+
+def _run_miniworld_quality(args) -> int:
+    from safetext.loading import resolve_model_name
+    from safetext.miniworld.quality import main as quality_main
+
+    folder = resolve_model_name(args.model)
+    _quiet_library_progress_bars()
+    return quality_main(["--model", str(folder), "--steps", str(args.steps), "--per-class", str(args.per_class)])
 
 
 def _run_miniworld_build(args) -> int:

@@ -2,7 +2,7 @@
 
 The folder is a Stable Diffusion pipeline written by `safetext.miniworld.build` (weights in float16 safetensors,
 configs in float32) plus `build.json` (the build's record) and `quality.json` (the quality gates, measured by
-`safetext.miniworld.quality`). Every command that takes a model accepts the name `miniworld` for it.
+`safetext miniworld quality`). Every command that takes a model accepts the name `miniworld` for it.
 """
 
 import json
@@ -69,7 +69,7 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
         "",
     ]
     if quality is None:
-        lines.append("Not measured yet: run `python -m safetext.miniworld.quality --model DIR`.")
+        lines.append("Not measured yet: run `safetext miniworld quality --model DIR`.")
     else:
         lines += [
             "Measured by `" + quality["command"] + "`; the full record is `quality.json`.",

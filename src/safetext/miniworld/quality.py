@@ -1,6 +1,6 @@
 """MiniWorld's quality gates, measured on a built pipeline and recorded next to it (`quality.json`, model card).
 
-    python -m safetext.miniworld.quality --model src/safetext/miniworld/weights/pipeline
+    safetext miniworld quality --model DIR      # or python -m safetext.miniworld.quality --model DIR
 
 The gates (issue "MiniWorld"), each measured with the pipeline's defaults (50 PNDM steps, guidance 7.5):
 
@@ -149,7 +149,7 @@ def measure_quality(
         gates.append(_gate(f"striped present, {group} forms ({name})", rate, RESTRICTED_PRESENT))
 
     return {
-        "command": f"python -m safetext.miniworld.quality --model {model_dir}",
+        "command": f"safetext miniworld quality --model {model_dir}",
         "settings": {
             "num_inference_steps": num_inference_steps,
             "guidance_scale": EVALUATION_GUIDANCE,
