@@ -298,3 +298,33 @@ def test_t5_trains_when_named(capsys, tiny_pipelines, prompts, tmp_path):
     assert any(not torch.equal(base[key], aligned[key]) for key in base)
     # FLUX's sequence is T5's: it moves only when T5 trains
     assert record["metrics"]["train"]["full_tensor"]["safe_relative_drift"]["after"] > 0.0
+
+
+def test_resumed_sdxl_run_equals_an_uninterrupted_one(tiny_pipelines, prompts, tmp_path):
+    # checkpoints hold both trained encoders (under their component names) and the optimizer over both
+    from safetext.alignment import align
+    from safetext.config import AlignmentConfig
+
+    settings = {"train_batch_size": 3, "learning_rate": 1e-3, "heldout_fraction": 0.25, "checkpointing_steps": 2}
+    unsafe, safe = {"unsafe": PromptSet(prompts.unsafe)}, {"safe": PromptSet(prompts.safe)}
+    model = tiny_pipelines["sdxl"]
+    align(model, unsafe, safe, tmp_path / "full", AlignmentConfig(max_train_steps=4, **settings), show_progress=False)
+    align(
+        model, unsafe, safe, tmp_path / "resumed", AlignmentConfig(max_train_steps=2, **settings), show_progress=False
+    )
+    checkpoint = load_file(tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert {key.split(".")[0] for key in checkpoint} == {"text_encoder", "text_encoder_2"}
+    result = align(
+        model,
+        unsafe,
+        safe,
+        tmp_path / "resumed",
+        AlignmentConfig(max_train_steps=4, **settings),
+        resume=True,
+        show_progress=False,
+    )
+    assert result.record["training"]["resumed_from_step"] == 2
+    for name in ("text_encoder", "text_encoder_2"):
+        full = load_file(tmp_path / "full" / name / "model.safetensors")
+        resumed = load_file(tmp_path / "resumed" / name / "model.safetensors")
+        assert all(torch.equal(full[key], resumed[key]) for key in full), name

@@ -135,8 +135,8 @@ This folder holds a text encoder aligned with **SafeText** (Hu, Jiang and Gong, 
 away from where the original encoder put them (negative cosine) while the embeddings of safe prompts stay in
 place (Euclidean distance), minimising `L_u - lambda * L_e` with lambda = {config["effectiveness_weight"]}
 ({config["distance_scale"]} distances; positions `{config["utility_positions"]}` for safe and
-`{config["effectiveness_positions"]}` for unsafe prompts). Only the text encoder changed; use it
-with the original diffusion model. {
+`{config["effectiveness_positions"]}` for unsafe prompts). Only the text encoders named below changed
+({", ".join(trained)}; family `{model.get("family")}`); use them with the original diffusion model. {
         "No diffusion pipeline was involved: the alignment acted on embeddings only."
         if not model["pipeline_involved"]
         else ""
