@@ -328,3 +328,30 @@ def test_resumed_sdxl_run_equals_an_uninterrupted_one(tiny_pipelines, prompts, t
         full = load_file(tmp_path / "full" / name / "model.safetensors")
         resumed = load_file(tmp_path / "resumed" / name / "model.safetensors")
         assert all(torch.equal(full[key], resumed[key]) for key in full), name
+
+
+def test_two_cpu_processes_align_sdxl_like_one(tiny_pipelines, prompts, tmp_path, run_cli):
+    # SDXL's CLIP-L gives its penultimate state, so its last layer gets no gradient: distributed training must be
+    # told that some parameters go unused, or the second step fails.
+    common = ["--max-train-steps=2", "--learning-rate=1e-3", "--heldout-fraction=0.25", "--no-progress"]
+    model, unsafe, safe = tiny_pipelines["sdxl"], prompts.unsafe_file, prompts.safe_file
+    run_cli(
+        ["align", f"--model={model}", f"--unsafe={unsafe}", f"--safe={safe}", f"--out={tmp_path / 'two'}"]
+        + ["--train-batch-size=2", *common],
+        processes=2,
+    )
+    run_cli(
+        ["align", f"--model={model}", f"--unsafe={unsafe}", f"--safe={safe}", f"--out={tmp_path / 'one'}"]
+        + ["--train-batch-size=4", *common]
+    )
+    logs = {
+        name: [json.loads(line) for line in (tmp_path / name / "logs" / "train_log.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    }
+    assert [entry["step"] for entry in logs["two"]] == [1, 2]
+    for a, b in zip(logs["two"], logs["one"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    for name in ("text_encoder", "text_encoder_2"):
+        two = load_file(tmp_path / "two" / name / "model.safetensors")
+        one = load_file(tmp_path / "one" / name / "model.safetensors")
+        assert all(torch.allclose(two[key], one[key], atol=1e-4, rtol=0) for key in one), name
