@@ -229,6 +229,21 @@ def test_aligned_folder_opens_with_every_aligned_encoder_swapped_in(family_run, 
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
+def test_generate_draws_with_an_aligned_folder(family_run, prompts, capsys, tmp_path):
+    folder = tmp_path / "aligned"
+    shutil.copytree(family_run.output_dir, folder, ignore=shutil.ignore_patterns("pipeline", "checkpoints"))
+    out = tmp_path / "images"
+    argv = ["generate", "--model", folder, "--prompts", prompts.unsafe_file, "--max-prompts", "1", "--out", out]
+    argv += ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--no-progress"]
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    settings = json.loads((out / "generation.json").read_text())
+    # every aligned encoder's weights identify the images
+    assert settings["text_encoder_sha256"] is not None
+    assert [p.name for p in out.glob("*.png")] == ["0_0.png"]
+
+
 # --- refusals: one line on stderr, exit code 2 ------------------------------------------------------------------
 
 
