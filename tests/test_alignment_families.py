@@ -170,6 +170,12 @@ def test_record_names_the_family_and_the_trained_encoders(family_run):
         expected = entry["effectiveness_loss_sequence"] + weight * entry["effectiveness_loss_pooled"]
         assert entry["effectiveness_loss"] == pytest.approx(expected, abs=1e-5)
     assert "pooled: unsafe cosine" in family_run.stdout
+    # the model card shows how to load each trained encoder into the family's pipeline class
+    card = (out / "README.md").read_text()
+    assert f"from diffusers import {family.pipeline_class}" in card
+    for name in family_run.trained:
+        assert f'subfolder="{name}")' in card and f"{name}={name}" in card
+    assert "pooled vector" in card
 
 
 def test_unsafe_prompts_move_and_safe_prompts_stay(family_run, prompts):
