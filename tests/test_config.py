@@ -109,3 +109,17 @@ def test_every_field_has_help_text():
 
     missing = [f.name for f in fields(AlignmentConfig) if not f.metadata.get("help")]
     assert missing == []
+
+
+def test_pooled_weight_and_train_encoders_are_validated():
+    with pytest.raises(ValueError, match=r"pooled_weight=-1\.0 .*\[0\.0, inf\)"):
+        AlignmentConfig(pooled_weight=-1.0)
+    for bad in ("text_encoder", [], ["text_encoder", 2]):
+        with pytest.raises(ValueError, match="train_encoders=.*must be a non-empty list of component names"):
+            AlignmentConfig(train_encoders=bad)
+    with pytest.raises(ValueError, match="names an encoder twice"):
+        AlignmentConfig(train_encoders=["text_encoder", "text_encoder"])
+    # a tuple is kept as a list, so that the record's JSON gives back an equal config
+    config = AlignmentConfig(train_encoders=("text_encoder", "text_encoder_2"))
+    assert config.train_encoders == ["text_encoder", "text_encoder_2"]
+    assert AlignmentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

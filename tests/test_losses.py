@@ -140,3 +140,62 @@ def test_negcosine_gradient_matches_the_analytic_one():
     nx, ny, dot = xm.norm(dim=1, keepdim=True), ym.norm(dim=1, keepdim=True), (xm * ym).sum(1, keepdim=True)
     expected = -(ym / (nx * ny) - dot * xm / (nx**3 * ny))
     assert torch.allclose(x.grad, expected.view_as(x) * m, atol=1e-6)
+
+
+# Pooled vectors of the same two prompts: one position each, width 2.
+POOLED = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+POOLED_REFERENCE = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+# By hand: prompt 0: |x - y| = 4, |y| = 3, cos = 9 / 15; prompt 1: |x - y| = 1, |y| = 2, cos = 1.
+POOLED_L2_RELATIVE = (4.0 / 3.0 + 1.0 / 2.0) / 2
+POOLED_NEGCOSINE = -(9.0 / 15.0 + 1.0) / 2
+
+
+def pooled_terms(pooled, pooled_weight=1.0, lam=0.5):
+    # the same sequences for safe and unsafe prompts, equal to their reference: only the pooled part differs
+    return safetext_loss(
+        REFERENCE,
+        REFERENCE,
+        MASK,
+        REFERENCE,
+        REFERENCE,
+        MASK,
+        effectiveness_weight=lam,
+        safe_pooled=pooled,
+        safe_pooled_reference=POOLED_REFERENCE,
+        unsafe_pooled=pooled,
+        unsafe_pooled_reference=POOLED_REFERENCE,
+        pooled_weight=pooled_weight,
+    )
+
+
+def test_pooled_vector_enters_both_terms_with_its_weight():
+    terms = pooled_terms(POOLED, pooled_weight=2.0, lam=0.5)
+    assert terms["utility_loss_sequence"].item() == pytest.approx(0.0, abs=1e-5)
+    assert terms["effectiveness_loss_sequence"].item() == pytest.approx(-1.0, abs=1e-6)
+    assert terms["utility_loss_pooled"].item() == pytest.approx(POOLED_L2_RELATIVE, abs=1e-6)
+    assert terms["effectiveness_loss_pooled"].item() == pytest.approx(POOLED_NEGCOSINE, abs=1e-6)
+    l_u = 0.0 + 2.0 * POOLED_L2_RELATIVE
+    l_e = -1.0 + 2.0 * POOLED_NEGCOSINE
+    assert terms["utility_loss"].item() == pytest.approx(l_u, abs=1e-5)
+    assert terms["effectiveness_loss"].item() == pytest.approx(l_e, abs=1e-5)
+    assert terms["loss"].item() == pytest.approx(l_u - 0.5 * l_e, abs=1e-5)
+
+
+def test_a_change_of_the_pooled_vector_alone_changes_the_loss():
+    at_reference = pooled_terms(POOLED_REFERENCE.clone())
+    moved = pooled_terms(POOLED)
+    assert at_reference["utility_loss_pooled"].item() == pytest.approx(0.0, abs=1e-5)
+    assert moved["loss"].item() != pytest.approx(at_reference["loss"].item(), abs=1e-3)
+    # and the gradient reaches the pooled vector
+    pooled = POOLED.clone().requires_grad_(True)
+    pooled_terms(pooled)["loss"].backward()
+    assert pooled.grad is not None and pooled.grad.abs().sum() > 0
+
+
+def test_without_pooled_vectors_the_terms_are_the_sequences():
+    plain = safetext_loss(EMBEDDINGS, REFERENCE, MASK, EMBEDDINGS, REFERENCE, MASK, effectiveness_weight=0.5)
+    assert set(plain) == {"utility_loss", "effectiveness_loss", "loss"}
+    with pytest.raises(ValueError, match="pooled vectors of both safe and unsafe prompts, or none"):
+        safetext_loss(
+            EMBEDDINGS, REFERENCE, MASK, EMBEDDINGS, REFERENCE, MASK, effectiveness_weight=0.5, safe_pooled=POOLED
+        )

@@ -17,6 +17,7 @@ _EXPORTS = {
     "read_prompts": "safetext.prompts",
     "safetext_loss": "safetext.losses",
     "TextConditioner": "safetext.conditioning",
+    "TextEncoders": "safetext.conditioning",
     "load_text_encoder": "safetext.loading",
     "align": "safetext.alignment",
     "AlignmentResult": "safetext.alignment",
@@ -31,6 +32,7 @@ __all__ = [
     "PromptSet",
     "SafeTextError",
     "TextConditioner",
+    "TextEncoders",
     "__version__",
     "align",
     "build_clip_tokenizer",
@@ -51,7 +53,7 @@ def __getattr__(name):
 if TYPE_CHECKING:  # pragma: no cover
     from safetext.alignment import AlignmentResult, align
     from safetext.clip_tokenizer import build_clip_tokenizer
-    from safetext.conditioning import TextConditioner
+    from safetext.conditioning import TextConditioner, TextEncoders
     from safetext.config import AlignmentConfig
     from safetext.errors import SafeTextError
     from safetext.loading import load_text_encoder

@@ -1,7 +1,12 @@
 """The SafeText alignment loop: fine-tune a text encoder so unsafe prompts move and safe prompts stay.
 
-Read `align` top to bottom: prepare the data, claim the output folder, load the tokenizer and text encoder (never
-the UNet or VAE), cache the frozen reference embeddings once, train with Accelerate, measure, export.
+Read `align` top to bottom: prepare the data, claim the output folder, load the tokenizers and text encoders (never
+the UNet, transformer or VAE), cache the frozen reference conditioning once, train with Accelerate, measure, export.
+
+Every pipeline family (`safetext.families`) goes through the same loop: the trained object is the family's text
+encoders as one module (`TextEncoders`), whose output is what the denoiser receives, a token sequence and, for
+SDXL, SD3 and FLUX, a pooled vector; both enter the objective. Encoders outside `train_encoders` stay frozen and
+contribute their constant part.
 """
 
 import hashlib
@@ -21,9 +26,10 @@ from safetext.checkpointing import (
     save_checkpoint,
     write_json_atomic,
 )
-from safetext.conditioning import TextConditioner, TokenizedPrompts, position_mask
+from safetext.conditioning import TextEncoders
 from safetext.config import AlignmentConfig
 from safetext.errors import SafeTextError
+from safetext.families import Conditioning, Tokens
 from safetext.loading import load_text_encoder
 from safetext.losses import safetext_loss
 from safetext.metrics import embedding_metrics
@@ -36,7 +42,20 @@ RUN_FILE = "run.json"
 RECORD_FILE = "safetext.json"
 LOG_FILE = "logs/train_log.jsonl"
 # What an output folder of ours may hold; --overwrite removes exactly these and nothing else.
-RUN_ARTIFACTS = (RUN_FILE, RECORD_FILE, "README.md", "text_encoder", "tokenizer", "checkpoints", "logs", "pipeline")
+RUN_ARTIFACTS = (
+    RUN_FILE,
+    RECORD_FILE,
+    "README.md",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "checkpoints",
+    "logs",
+    "pipeline",
+)
 # Settings that change how long a run lasts or how it reports, not what it learns: a run resumed with other
 # values of these is still the same run.
 RUN_LENGTH_SETTINGS = (
@@ -54,7 +73,8 @@ class AlignmentResult:
     """What `align` produced.
 
     Attributes:
-        output_dir: the exported folder (`text_encoder/`, `tokenizer/`, `safetext.json`, `README.md`).
+        output_dir: the exported folder (every trained encoder under its component name, every tokenizer,
+            `safetext.json`, `README.md`).
         record: the content of `safetext.json`.
     """
 
@@ -72,9 +92,10 @@ class _Group:
 
     prompts: list[str]
     set_names: list[str]
-    tokens: TokenizedPrompts | None = None
+    tokens: Tokens | None = None
     mask: torch.Tensor | None = None
     reference: torch.Tensor | None = None
+    pooled_reference: torch.Tensor | None = None
 
 
 def _split_sets(sets: dict[str, PromptSet], fraction: float, seed: int) -> tuple[_Group, _Group, dict]:
@@ -96,10 +117,10 @@ def _split_sets(sets: dict[str, PromptSet], fraction: float, seed: int) -> tuple
     return train, heldout, summary
 
 
-def _fingerprint(loaded_source: dict, config: AlignmentConfig, groups: dict[str, _Group]) -> str:
+def _fingerprint(loaded_source: dict, family: str, config: AlignmentConfig, groups: dict[str, _Group]) -> str:
     settings = {k: v for k, v in config.to_dict().items() if k not in RUN_LENGTH_SETTINGS}
     data = {name: hashlib.sha256("\n".join(g.prompts).encode()).hexdigest() for name, g in groups.items()}
-    payload = {"model": loaded_source["text_encoder_sha256"], "settings": settings, "data": data}
+    payload = {"model": loaded_source["text_encoder_sha256"], "family": family, "settings": settings, "data": data}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -158,12 +179,12 @@ def _batch(
     return permutations[key][torch.arange(start, start + batch_size) % n]
 
 
-def _measure(groups: dict[str, _Group], embeddings: dict[str, torch.Tensor]) -> dict:
-    """Metrics per split: overall, per prompt file, and over the whole conditioning tensor."""
+def _measure(groups: dict[str, _Group], conditionings: dict[str, Conditioning]) -> dict:
+    """Metrics per split: overall, per prompt file, over the whole sequence tensor, and of the pooled vector."""
     result = {}
     for split in ("heldout", "train"):
         unsafe, safe = groups[f"{split}_unsafe"], groups[f"{split}_safe"]
-        e_unsafe, e_safe = embeddings[f"{split}_unsafe"], embeddings[f"{split}_safe"]
+        e_unsafe, e_safe = conditionings[f"{split}_unsafe"].sequence, conditionings[f"{split}_safe"].sequence
         split_metrics = embedding_metrics(
             (e_unsafe, unsafe.reference, unsafe.mask), (e_safe, safe.reference, safe.mask)
         )
@@ -178,6 +199,13 @@ def _measure(groups: dict[str, _Group], embeddings: dict[str, torch.Tensor]) -> 
                 triple = (emb[idx], group.reference[idx], group.mask[idx])
                 by_set[f"{side}:{name}"] = embedding_metrics(*((triple, None) if side == "unsafe" else (None, triple)))
         result[split] = {**split_metrics, "full_tensor": full, "by_set": by_set}
+        if unsafe.pooled_reference is not None:
+            # the pooled vector is one position: [n, dim] -> [n, 1, dim], that position counted
+            p_unsafe, p_safe = conditionings[f"{split}_unsafe"].pooled, conditionings[f"{split}_safe"].pooled
+            result[split]["pooled"] = embedding_metrics(
+                (p_unsafe.unsqueeze(1), unsafe.pooled_reference.unsqueeze(1), torch.ones(len(p_unsafe), 1).bool()),
+                (p_safe.unsqueeze(1), safe.pooled_reference.unsqueeze(1), torch.ones(len(p_safe), 1).bool()),
+            )
     return result
 
 
@@ -199,34 +227,38 @@ def align(
     overwrite: bool = False,
     export_pipeline: bool = False,
     show_progress: bool = True,
+    family: str | None = None,
 ) -> AlignmentResult:
-    """Aligns the text encoder of a model with SafeText and exports it.
+    """Aligns the text encoders of a model with SafeText and exports them.
 
     Args:
         pretrained_model_name_or_path: a diffusers pipeline folder or Hub id, or a bare `transformers` encoder.
         unsafe_sets: named prompt sets whose embeddings are pushed away (D_u).
         safe_sets: named prompt sets whose embeddings are held in place (D_s).
-        output_dir: the folder to write (`text_encoder/`, `tokenizer/`, `safetext.json`, `README.md`, checkpoints).
+        output_dir: the folder to write (the trained encoders under their component names, e.g. `text_encoder/`
+            and `text_encoder_2/`, every tokenizer, `safetext.json`, `README.md`, checkpoints).
         config: the alignment settings (defaults: `AlignmentConfig()`).
         revision: Hub revision of the base model.
         resume: continue from the last checkpoint in `output_dir` (a new run if there is none).
         overwrite: replace a previous run in `output_dir`.
-        export_pipeline: also write `output_dir/pipeline/`, a complete diffusers pipeline with the aligned encoder.
+        export_pipeline: also write `output_dir/pipeline/`, a complete diffusers pipeline with the aligned encoders.
         show_progress: show a progress bar.
+        family: force the pipeline family (`sd`, `sdxl`, `sd3`, `flux`) instead of reading it from
+            `model_index.json`.
 
     Returns:
         An `AlignmentResult` with the exported folder and its record.
 
     Raises:
-        SafeTextError: bad input (see the messages), or a loss that became NaN (the last good checkpoint is kept).
+        SafeTextError: bad input (see the messages: an unsupported pipeline class, a `train_encoders` name the
+            family does not have, ...), or a loss that became NaN (the last good checkpoint is kept).
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
     config = config or AlignmentConfig()
     stopwatch = Stopwatch()
     output_dir = Path(output_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
     torch.manual_seed(config.seed)
 
     # 1. Data: unsafe prompts never count as safe; each file is split into train and held-out on its own.
@@ -253,15 +285,31 @@ def align(
     if not train_unsafe.prompts or not train_safe.prompts:
         raise SafeTextError("no training prompts left after the held-out split; give more prompts")
 
-    # 2. The tokenizer and the text encoder only; the encoder as loaded is the frozen reference tau.
-    loaded = load_text_encoder(pretrained_model_name_or_path, revision=revision)
+    # 2. The tokenizers and text encoders only; the encoders as loaded are the frozen reference tau.
+    loaded = load_text_encoder(pretrained_model_name_or_path, revision=revision, family=family)
     if export_pipeline and loaded.bare:
         # Checked before training, not at export time, so that the refusal does not cost a whole run.
         raise SafeTextError("--export-pipeline needs a diffusers pipeline as the base model, not a bare encoder")
-    tokenizer, text_encoder = loaded.tokenizer, loaded.text_encoder
-    conditioner = TextConditioner.for_encoder(tokenizer, text_encoder, bare=loaded.bare)
-    fingerprint = _fingerprint(loaded.source, config, groups)
+    pipeline_family = loaded.pipeline_family
+    names = pipeline_family.text_encoder_names
+    train_encoders = config.train_encoders or [
+        s.text_encoder for s in pipeline_family.encoders if s.trained_by_default
+    ]
+    unknown = [name for name in train_encoders if name not in names]
+    if unknown:
+        raise SafeTextError(
+            f"train_encoders: {', '.join(unknown)} is not a text encoder of the {pipeline_family.name} family; "
+            f"choose from {', '.join(names)}"
+        )
+    # keep the family's order whatever order they were named in: it fixes the optimizer's parameter order
+    train_encoders = [name for name in names if name in train_encoders]
+    encoders = TextEncoders(pipeline_family, loaded.text_encoders, loaded.tokenizers)
+    fingerprint = _fingerprint(loaded.source, pipeline_family.name, config, groups)
     _check_output_dir(output_dir, fingerprint, resume, overwrite)
+    # An encoder whose last layer only some outputs read (SDXL's CLIP-L gives its penultimate state; a bare BERT's
+    # pooler is never read) has parameters without gradients, which distributed training must be told about.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=pipeline_family.name != "sd")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, kwargs_handlers=[ddp])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite:
@@ -270,36 +318,42 @@ def align(
         write_json_atomic(output_dir / RUN_FILE, {"fingerprint": fingerprint, "model": loaded.source})
     accelerator.wait_for_everyone()
 
-    # 3. Reference embeddings, computed once with the untouched encoder and cached in float32 on the CPU:
-    # the reference never changes, so no step needs a second forward pass through a frozen copy.
-    text_encoder.to(accelerator.device)
+    # 3. Reference conditioning (sequence and pooled vector), computed once with the untouched encoders and cached in
+    # float32 on the CPU: the reference never changes, so no step needs a second forward pass through a frozen copy.
+    encoders.to(accelerator.device)
     truncated = 0
     for name, group in groups.items():
-        group.tokens = conditioner.tokenize(group.prompts) if group.prompts else None
-        if group.tokens is None:
-            group.mask = torch.zeros(0, conditioner.max_length, dtype=torch.bool)
-            group.reference = torch.zeros(0, conditioner.max_length, text_encoder.config.hidden_size)
+        if not group.prompts:
             continue
-        truncated += group.tokens.truncated
+        group.tokens = encoders.tokenize(group.prompts)
+        truncated += int(group.tokens.truncated.sum())
         positions = config.effectiveness_positions if name.endswith("unsafe") else config.utility_positions
-        group.mask = position_mask(group.tokens.attention_mask, positions)
-        group.reference = conditioner.encode_all(text_encoder, group.tokens, config.eval_batch_size)
+        group.mask = encoders.positions(group.tokens, positions)
+        reference = encoders.encode_all(group.tokens, config.eval_batch_size)
+        group.reference, group.pooled_reference = reference.sequence, reference.pooled
+    for group in groups.values():
+        if group.tokens is None:  # a split without prompts (no held-out prompts): empty tensors of the right width
+            group.mask = train_safe.mask[:0]
+            group.reference = train_safe.reference[:0]
+            group.pooled_reference = None if train_safe.pooled_reference is None else train_safe.pooled_reference[:0]
     if truncated:
         logger.warning(
-            "%d prompts are longer than %d tokens and were truncated, as the pipeline truncates them",
-            truncated,
-            conditioner.max_length,
+            "%d prompts are longer than a token window and were truncated, as the pipeline truncates them", truncated
         )
     reference_norm = float(
         torch.sqrt(((train_safe.reference * train_safe.mask.unsqueeze(-1)) ** 2).sum(dim=(1, 2))).mean()
     )
 
-    # 4. The encoder tau_s being trained starts as tau. It stays in eval mode: dropout would make the utility term
-    # noisy around a deterministic reference, and without it a resumed run repeats an uninterrupted one exactly.
-    text_encoder.requires_grad_(True)
-    text_encoder.eval()
+    # 4. The encoders tau_s being trained start as tau; the others stay frozen (T5 by default, see train_encoders).
+    # All stay in eval mode: dropout would make the utility term noisy around a deterministic reference, and without
+    # it a resumed run repeats an uninterrupted one exactly.
+    for name in train_encoders:
+        encoders.text_encoders[name].requires_grad_(True)
+    encoders.eval()
+    # the trained encoders alone: what checkpoints hold (a frozen T5-XXL would add 19 GB to each)
+    trained = torch.nn.ModuleDict({name: encoders.text_encoders[name] for name in train_encoders})
     optimizer = torch.optim.AdamW(
-        text_encoder.parameters(),
+        [p for p in encoders.parameters() if p.requires_grad],
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
@@ -308,7 +362,7 @@ def align(
         # of a CPU step for an SD-sized encoder (benchmarks/align_throughput.py)
         fused=accelerator.device.type in ("cpu", "cuda"),
     )
-    text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+    encoders, optimizer = accelerator.prepare(encoders, optimizer)
 
     safe_batch = config.effective_safe_batch_size
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -322,7 +376,7 @@ def align(
     start_step = 0
     if resume and list_checkpoints(checkpoints_dir):
         last = list_checkpoints(checkpoints_dir)[-1]
-        state = load_checkpoint(last, accelerator.unwrap_model(text_encoder), optimizer)
+        state = load_checkpoint(last, trained, optimizer)
         if state.get("fingerprint") != fingerprint:
             raise SafeTextError(f"{last}: checkpoint of a different run; pass --overwrite to start again")
         start_step = state["step"]
@@ -363,12 +417,21 @@ def align(
             permutations_safe, len(train_safe.prompts), safe_batch, epoch, step_in_epoch, config.seed, 1, rank, world
         )
         # One forward pass over unsafe and safe prompts together: larger matrix products run closer to peak.
-        batch_tokens = TokenizedPrompts.concatenate(
-            [train_unsafe.tokens.select(u_idx), train_safe.tokens.select(s_idx)]
-        )
+        batch_tokens = Tokens.concatenate([train_unsafe.tokens.select(u_idx), train_safe.tokens.select(s_idx)])
         with accelerator.autocast():
-            unsafe_emb, safe_emb = conditioner.encode(text_encoder, batch_tokens).split([len(u_idx), len(s_idx)])
+            sequence, pooled = encoders(batch_tokens)
+        unsafe_emb, safe_emb = sequence.split([len(u_idx), len(s_idx)])
         device = unsafe_emb.device
+        pooled_terms = {}
+        if pooled is not None:
+            unsafe_pooled, safe_pooled = pooled.split([len(u_idx), len(s_idx)])
+            pooled_terms = {
+                "safe_pooled": safe_pooled,
+                "safe_pooled_reference": train_safe.pooled_reference[s_idx].to(device),
+                "unsafe_pooled": unsafe_pooled,
+                "unsafe_pooled_reference": train_unsafe.pooled_reference[u_idx].to(device),
+                "pooled_weight": config.pooled_weight,
+            }
         terms = safetext_loss(
             safe_emb,
             train_safe.reference[s_idx].to(device),
@@ -380,11 +443,10 @@ def align(
             utility_distance=config.utility_distance,
             effectiveness_distance=config.effectiveness_distance,
             relative=config.distance_scale == "relative",
+            **pooled_terms,
         )
         # One gather per step: every process sees every loss, so all of them stop together on a NaN.
-        gathered = accelerator.gather(
-            torch.stack([terms[k].detach() for k in ("utility_loss", "effectiveness_loss", "loss")]).unsqueeze(0)
-        )
+        gathered = accelerator.gather(torch.stack([value.detach() for value in terms.values()]).unsqueeze(0))
         if not torch.isfinite(gathered).all():
             kept = list_checkpoints(checkpoints_dir)
             where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been written yet"
@@ -395,13 +457,13 @@ def align(
         accelerator.backward(terms["loss"])
         grad_norm = None
         if config.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(text_encoder.parameters(), config.max_grad_norm))
+            grad_norm = float(accelerator.clip_grad_norm_(encoders.parameters(), config.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         mean_terms = gathered.float().mean(dim=0).tolist()
-        last_terms = dict(zip(("utility_loss", "effectiveness_loss", "loss"), mean_terms))
+        last_terms = dict(zip(terms, mean_terms))
         progress.update(1)
         progress.set_postfix(L_u=f"{mean_terms[0]:.4f}", L_e=f"{mean_terms[1]:.4f}", loss=f"{mean_terms[2]:.4f}")
         if accelerator.is_main_process and (done % config.log_every == 0 or done == total_steps):
@@ -419,7 +481,7 @@ def align(
             if accelerator.is_main_process:
                 save_checkpoint(
                     checkpoints_dir / f"checkpoint-{done}",
-                    accelerator.unwrap_model(text_encoder),
+                    trained,
                     optimizer,
                     {"step": done, "fingerprint": fingerprint, "epoch": epoch},
                 )
@@ -429,15 +491,13 @@ def align(
     train_seconds = train_watch.seconds()
 
     # 6. Measure: embeddings of every split after alignment against the cached reference.
-    aligned = accelerator.unwrap_model(text_encoder)
+    aligned = accelerator.unwrap_model(encoders)
     aligned.requires_grad_(False)
+    before = {name: Conditioning(g.reference, g.pooled_reference) for name, g in groups.items()}
     after = {
-        name: conditioner.encode_all(aligned, g.tokens, config.eval_batch_size)
-        if g.tokens is not None
-        else g.reference
+        name: aligned.encode_all(g.tokens, config.eval_batch_size) if g.tokens is not None else before[name]
         for name, g in groups.items()
     }
-    before = {name: g.reference for name, g in groups.items()}
     metrics = _before_after(_measure(groups, before), _measure(groups, after))
     metrics["positions"] = {"unsafe": config.effectiveness_positions, "safe": config.utility_positions}
 
@@ -470,6 +530,8 @@ def align(
             "resumed_from_step": start_step,
             "final_losses": last_terms,
             "num_processes": world,
+            "trained_encoders": train_encoders,
+            "frozen_encoders": [name for name in names if name not in train_encoders],
         },
         "cost": {
             "wall_seconds": None,
@@ -488,8 +550,8 @@ def align(
         record["cost"]["wall_seconds"] = stopwatch.seconds()
         export_alignment(
             output_dir,
-            aligned,
-            tokenizer,
+            {name: aligned.text_encoders[name] for name in train_encoders},
+            loaded.tokenizers,
             record,
             export_pipeline=export_pipeline,
             base=pretrained_model_name_or_path,

@@ -21,6 +21,24 @@ def _add_align(subparsers) -> None:
     p.add_argument("--model", required=True, help="diffusers pipeline folder or Hub id, or a bare text encoder")
     p.add_argument("--revision", default=None, help="Hub revision of the model")
     p.add_argument(
+        "--family",
+        default=None,
+        help="pipeline family sd, sdxl, sd3 or flux (default: read from the model's model_index.json)",
+    )
+    p.add_argument(
+        "--train-encoders",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated text encoders to train, e.g. text_encoder,text_encoder_2 (default: every CLIP "
+        "encoder; T5 stays frozen)",
+    )
+    p.add_argument(
+        "--pooled-weight",
+        type=float,
+        default=defaults.pooled_weight,
+        help="weight of the pooled vector against the token sequence in both terms (SDXL, SD3, FLUX)",
+    )
+    p.add_argument(
         "--unsafe", action="append", default=[], metavar="FILE|NAME", help="unsafe prompts: " + PROMPTS_HELP
     )
     p.add_argument("--safe", action="append", default=[], metavar="FILE|NAME", help="safe prompts: " + PROMPTS_HELP)
@@ -98,6 +116,10 @@ def _run_align(args) -> int:
             utility_positions=args.utility_positions,
             effectiveness_positions=args.effectiveness_positions,
             distance_scale=args.distance_scale,
+            pooled_weight=args.pooled_weight,
+            train_encoders=[n.strip() for n in args.train_encoders.split(",")]
+            if args.train_encoders is not None
+            else None,
             learning_rate=args.learning_rate,
             num_train_epochs=args.epochs,
             max_train_steps=args.max_train_steps,
@@ -135,6 +157,7 @@ def _run_align(args) -> int:
         overwrite=args.overwrite,
         export_pipeline=args.export_pipeline,
         show_progress=not args.no_progress,
+        family=args.family,
     )
     held = result.metrics["heldout"]
     line = [f"aligned encoder written to {result.output_dir}"]
@@ -142,6 +165,11 @@ def _run_align(args) -> int:
         line.append(f"held-out unsafe cosine {held['unsafe_cosine']['after']:.3f}")
     if "safe_relative_drift" in held:
         line.append(f"held-out safe drift {held['safe_relative_drift']['after']:.3f}")
+    pooled = held.get("pooled", {})
+    if "unsafe_cosine" in pooled:
+        line.append(f"pooled: unsafe cosine {pooled['unsafe_cosine']['after']:.3f}")
+    if "safe_relative_drift" in pooled:
+        line.append(f"pooled: safe drift {pooled['safe_relative_drift']['after']:.3f}")
     print("; ".join(line))
     return 0
 

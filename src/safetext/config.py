@@ -72,6 +72,25 @@ class AlignmentConfig:
             "unit-free like a cosine and lambda carries over between encoders; 'absolute' is the paper's raw distance"
         },
     )
+    pooled_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight w of the pooled vector's distances against the sequence's, in both terms (SDXL, SD3 and "
+            "FLUX give the denoiser a pooled vector beside the token sequence; SD has none). The default 1 weighs the "
+            "two inputs of the denoiser alike: with relative distances and the cosine, both terms are unit-free, so a "
+            "10 percent move of the pooled vector counts as much as a 10 percent move of the sequence. For FLUX with T5 frozen "
+            "the pooled vector is the only part that can move; a small w would leave its prompts nearly untouched"
+        },
+    )
+    train_encoders: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "component names of the text encoders to train, e.g. ['text_encoder', 'text_encoder_2']; None: "
+            "every CLIP encoder of the family. T5 (SD3's text_encoder_3, FLUX's text_encoder_2) stays frozen unless "
+            "named: T5-XXL has 4.7 B parameters, more than the rest of the text side together, and frozen encoders "
+            "still give their unchanged part of the conditioning, inside both terms"
+        },
+    )
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     num_train_epochs: int = field(
         default=8, metadata={"help": "passes over the larger of the two training sets (the smaller one cycles)"}
@@ -114,6 +133,16 @@ class AlignmentConfig:
         _check_choice("effectiveness_positions", self.effectiveness_positions, POSITIONS)
         _check_choice("distance_scale", self.distance_scale, DISTANCE_SCALES)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_range("pooled_weight", self.pooled_weight, 0.0, math.inf, high_inclusive=False)
+        if self.train_encoders is not None:
+            names = self.train_encoders
+            if isinstance(names, str) or not all(isinstance(name, str) for name in names) or not names:
+                raise ValueError(
+                    f"train_encoders={names!r} must be a non-empty list of component names, e.g. ['text_encoder']"
+                )
+            if len(set(names)) != len(names):
+                raise ValueError(f"train_encoders={names!r} names an encoder twice")
+            self.train_encoders = list(names)
         _check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
         _check_range("heldout_fraction", self.heldout_fraction, 0.0, 1.0, high_inclusive=False)
         _check_range("adam_beta1", self.adam_beta1, 0.0, 1.0, high_inclusive=False)

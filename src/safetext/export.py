@@ -1,10 +1,12 @@
-"""Writing an aligned encoder in the ecosystem's layout: `text_encoder/`, `tokenizer/`, a record and a model card."""
+"""Writing aligned encoders in the ecosystem's layout: `text_encoder/`, `tokenizer/` (and `text_encoder_2/`, ... for
+pipelines with several), a record and a model card."""
 
 import shutil
 from pathlib import Path
 
 from safetext.checkpointing import write_json_atomic
 from safetext.errors import SafeTextError
+from safetext.families import FAMILIES
 
 
 def _replace_dir(target: Path, write) -> None:
@@ -20,27 +22,43 @@ def _replace_dir(target: Path, write) -> None:
 
 def export_alignment(
     output_dir,
-    text_encoder,
-    tokenizer,
+    text_encoders,
+    tokenizers,
     record: dict,
     *,
     export_pipeline: bool = False,
     base=None,
     revision: str | None = None,
 ) -> None:
-    """Writes `text_encoder/` (safetensors), `tokenizer/`, `safetext.json` and `README.md` into output_dir.
+    """Writes the aligned encoders (safetensors), the tokenizers, `safetext.json` and `README.md` into output_dir.
 
-    With `export_pipeline`, also writes `pipeline/`: the base pipeline with the aligned encoder, which
-    `DiffusionPipeline.from_pretrained(output_dir / "pipeline")` opens directly.
+    Each encoder and tokenizer goes into the folder of its pipeline component name (`text_encoder/`,
+    `text_encoder_2/`, `tokenizer/`, ...). With `export_pipeline`, also writes `pipeline/`: the base pipeline with the
+    aligned encoders, which `DiffusionPipeline.from_pretrained(output_dir / "pipeline")` opens directly.
+
+    Args:
+        output_dir: the folder to write into.
+        text_encoders: component name -> aligned encoder; a single encoder stands for `{"text_encoder": encoder}`.
+        tokenizers: component name -> tokenizer; a single tokenizer stands for `{"tokenizer": tokenizer}`.
+        record: the content of `safetext.json`.
+        export_pipeline: also write `pipeline/`.
+        base, revision: the base pipeline `pipeline/` is built from.
     """
     output_dir = Path(output_dir)
-    _replace_dir(output_dir / "text_encoder", lambda d: text_encoder.save_pretrained(d, safe_serialization=True))
-    _replace_dir(output_dir / "tokenizer", lambda d: tokenizer.save_pretrained(d))
+    if not isinstance(text_encoders, dict):
+        text_encoders = {"text_encoder": text_encoders}
+    if not isinstance(tokenizers, dict):
+        tokenizers = {"tokenizer": tokenizers}
+    for name, text_encoder in text_encoders.items():
+        _replace_dir(output_dir / name, lambda d, e=text_encoder: e.save_pretrained(d, safe_serialization=True))
+    for name, tokenizer in tokenizers.items():
+        _replace_dir(output_dir / name, lambda d, t=tokenizer: t.save_pretrained(d))
     if export_pipeline:
         if not record["model"]["pipeline_involved"]:
             raise SafeTextError("--export-pipeline needs a diffusers pipeline as the base model, not a bare encoder")
         record["pipeline_dir"] = "pipeline"
-        _replace_dir(output_dir / "pipeline", lambda d: _write_pipeline(d, base, revision, text_encoder, tokenizer))
+        components = {**text_encoders, **tokenizers}
+        _replace_dir(output_dir / "pipeline", lambda d: _write_pipeline(d, base, revision, components))
     elif (output_dir / "pipeline").is_dir():
         # left by an earlier export of this run (resumed without --export-pipeline): it holds an older encoder
         shutil.rmtree(output_dir / "pipeline")
@@ -48,12 +66,10 @@ def export_alignment(
     write_json_atomic(output_dir / "safetext.json", record)
 
 
-def _write_pipeline(directory: Path, base, revision, text_encoder, tokenizer) -> None:
+def _write_pipeline(directory: Path, base, revision, components: dict) -> None:
     from diffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(
-        base, revision=revision, text_encoder=text_encoder, tokenizer=tokenizer, use_safetensors=True
-    )
+    pipeline = DiffusionPipeline.from_pretrained(base, revision=revision, use_safetensors=True, **components)
     pipeline.save_pretrained(directory, safe_serialization=True)
 
 
@@ -75,6 +91,9 @@ def model_card(record: dict) -> str:
             value = metrics[split].get(key)
             if value is not None:
                 rows.append(f"| {split} | {label} | {_fmt(value['before'])} | {_fmt(value['after'])} |")
+            value = metrics[split].get("pooled", {}).get(key)
+            if value is not None:
+                rows.append(f"| {split} | {label}, pooled vector | {_fmt(value['before'])} | {_fmt(value['after'])} |")
     by_set = []
     for name, values in metrics["heldout"]["by_set"].items():
         for key, value in values.items():
@@ -86,10 +105,19 @@ def model_card(record: dict) -> str:
                 f"| {side} | `{name}` | {summary.get('train')} | {summary.get('heldout')} | "
                 f"`{str(summary.get('sha256', ''))[:16]}` |"
             )
-    load_line = (
-        'CLIPTextModel.from_pretrained("{this folder}", subfolder="text_encoder")'
-        if model["pipeline_involved"]
-        else 'AutoModel.from_pretrained("{this folder}", subfolder="text_encoder")'
+    trained = record.get("training", {}).get("trained_encoders", ["text_encoder"])
+    classes = {name: values["class"] for name, values in model.get("text_encoders", {}).items()}
+    classes.setdefault("text_encoder", model.get("text_encoder_class", "CLIPTextModel"))
+    family = FAMILIES.get(model.get("family") or "sd", FAMILIES["sd"])
+    if model["pipeline_involved"]:
+        load_lines = [f'{n} = {classes[n]}.from_pretrained("{{this folder}}", subfolder="{n}")' for n in trained]
+    else:
+        load_lines = ['text_encoder = AutoModel.from_pretrained("{this folder}", subfolder="text_encoder")']
+    encoder_classes = sorted({classes[n] for n in trained} if model["pipeline_involved"] else {"AutoModel"})
+    pipeline_call = (
+        f'pipe = {family.pipeline_class}.from_pretrained("{model["pretrained_model_name_or_path"]}", '
+        + ", ".join(f"{n}={n}" for n in trained)
+        + ")"
     )
     cost = record["cost"]
     return f"""---
@@ -107,8 +135,8 @@ This folder holds a text encoder aligned with **SafeText** (Hu, Jiang and Gong, 
 away from where the original encoder put them (negative cosine) while the embeddings of safe prompts stay in
 place (Euclidean distance), minimising `L_u - lambda * L_e` with lambda = {config["effectiveness_weight"]}
 ({config["distance_scale"]} distances; positions `{config["utility_positions"]}` for safe and
-`{config["effectiveness_positions"]}` for unsafe prompts). Only the text encoder changed; use it
-with the original diffusion model. {
+`{config["effectiveness_positions"]}` for unsafe prompts). Only the text encoders named below changed
+({", ".join(trained)}; family `{model.get("family")}`); use them with the original diffusion model. {
         "No diffusion pipeline was involved: the alignment acted on embeddings only."
         if not model["pipeline_involved"]
         else ""
@@ -117,11 +145,11 @@ with the original diffusion model. {
 ## Use
 
 ```python
-from transformers import CLIPTextModel
-from diffusers import StableDiffusionPipeline
+from transformers import {", ".join(encoder_classes)}
+from diffusers import {family.pipeline_class}
 
-text_encoder = {load_line}
-pipe = StableDiffusionPipeline.from_pretrained("{model["pretrained_model_name_or_path"]}", text_encoder=text_encoder)
+{chr(10).join(load_lines)}
+{pipeline_call}
 ```
 
 ## Embedding metrics

@@ -28,7 +28,7 @@ MAX_SEQUENCE_LENGTH = 512
 
 HIDDEN_STATES = ("last", "penultimate")
 POOLED_OUTPUTS = ("pooler_output", "text_embeds")
-ATTENTION_MASKS = ("never", "if_configured")
+ATTENTION_MASKS = ("never", "if_configured", "required")
 SEQUENCE_LAYOUTS = ("features", "features_then_tokens")
 
 
@@ -52,9 +52,14 @@ class EncoderSpec:
             a `CLIPTextModelWithProjection` (SDXL, SD3); `"pooler_output"`, the unprojected end-of-text feature of a
             `CLIPTextModel` (FLUX); None: the encoder gives no pooled vector.
         attention_mask: `"never"`: padding is attended to, as in every pipeline here; `"if_configured"`: the mask is
-            passed when the encoder's config sets `use_attention_mask`, as `StableDiffusionPipeline` does.
+            passed when the encoder's config sets `use_attention_mask`, as `StableDiffusionPipeline` does;
+            `"required"`: the mask is always passed (a bare `transformers` encoder, `BARE_FAMILY`).
         dtype_from: component whose dtype the sequence is cast to; None: this encoder's. SDXL casts both CLIP
             sequences to `text_encoder_2`'s dtype, SD3 both to `text_encoder`'s.
+        starts_with_bos: the tokenizer puts a BOS token first (CLIP's `<|startoftext|>`, BERT's `[CLS]`); T5 puts
+            none. The alignment's `no_bos` and `prompt` positions leave that first position out.
+        trained_by_default: SafeText trains this encoder unless told otherwise: the CLIP encoders, not T5 (T5-XXL,
+            4.7 B parameters, is larger than the rest of the pipeline's text side together).
     """
 
     text_encoder: str
@@ -66,6 +71,8 @@ class EncoderSpec:
     pooled: str | None = None
     attention_mask: str = "never"
     dtype_from: str | None = None
+    starts_with_bos: bool = True
+    trained_by_default: bool = True
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length <= 0:
@@ -212,7 +219,14 @@ FAMILIES: dict[str, PipelineFamily] = {
                     pooled="text_embeds",
                     dtype_from="text_encoder",
                 ),
-                EncoderSpec("text_encoder_3", "tokenizer_3", max_length=256, hidden_state="last"),
+                EncoderSpec(
+                    "text_encoder_3",
+                    "tokenizer_3",
+                    max_length=256,
+                    hidden_state="last",
+                    starts_with_bos=False,
+                    trained_by_default=False,
+                ),
             ),
             sequence_layout="features_then_tokens",
         ),
@@ -222,11 +236,31 @@ FAMILIES: dict[str, PipelineFamily] = {
             denoiser="transformer",
             encoders=(
                 EncoderSpec("text_encoder", "tokenizer", hidden_state=None, pooled="pooler_output"),
-                EncoderSpec("text_encoder_2", "tokenizer_2", max_length=512, hidden_state="last"),
+                EncoderSpec(
+                    "text_encoder_2",
+                    "tokenizer_2",
+                    max_length=512,
+                    hidden_state="last",
+                    starts_with_bos=False,
+                    trained_by_default=False,
+                ),
             ),
         ),
     )
 }
+
+
+BARE_FAMILY = PipelineFamily(
+    name="bare",
+    pipeline_class="",
+    denoiser="",
+    encoders=(
+        EncoderSpec("text_encoder", "tokenizer", max_length=77, hidden_state="last", attention_mask="required"),
+    ),
+)
+"""A stand-alone `transformers` encoder, aligned on embeddings only: its last hidden state over a 77-token window
+(SD's), with the attention mask, as any `transformers` encoder expects. Not a pipeline: `detect_family` never
+returns it."""
 
 
 def _supported_classes() -> str:
@@ -280,68 +314,137 @@ def _select_hidden_state(text_encoder, output, spec: EncoderSpec, skip: int) -> 
     return hidden
 
 
-def encode(
-    family: PipelineFamily | str,
-    text_encoders: dict,
-    tokenizers: dict,
-    prompts: list[str],
-    *,
-    clip_skip: int | None = None,
-    max_sequence_length: int | None = None,
-) -> Conditioning:
-    """Encode prompts into the conditioning a pipeline of `family` gives its denoiser.
+@dataclass
+class Tokens:
+    """Prompts tokenized for every tokenizer of a family, as the pipeline tokenizes them.
 
-    Equals the pipeline's `encode_prompt` for the same prompts with one image per prompt, no classifier-free
-    guidance, no LoRA scale and every prompt slot (`prompt_2`, `prompt_3`) left to `prompt`: each tokenizer pads and
-    truncates to its window, each encoder runs on its own device (no attention mask unless its spec says so), the
-    chosen hidden states and pooled outputs are cast and combined as the family says. Gradients flow: wrap the call
-    in `torch.no_grad()` when none are needed.
+    Args:
+        input_ids: tokenizer component name -> token ids [n, window].
+        attention_mask: tokenizer component name -> [n, window], 1 on the prompt's tokens (BOS through EOS).
+        truncated: per prompt, whether some tokenizer's window cut it.
+    """
+
+    input_ids: dict[str, torch.Tensor]
+    attention_mask: dict[str, torch.Tensor]
+    truncated: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+    def select(self, indices) -> "Tokens":
+        return Tokens(
+            {name: ids[indices] for name, ids in self.input_ids.items()},
+            {name: mask[indices] for name, mask in self.attention_mask.items()},
+            self.truncated[indices],
+        )
+
+    @staticmethod
+    def concatenate(parts: list["Tokens"]) -> "Tokens":
+        names = parts[0].input_ids
+        return Tokens(
+            {name: torch.cat([p.input_ids[name] for p in parts]) for name in names},
+            {name: torch.cat([p.attention_mask[name] for p in parts]) for name in names},
+            torch.cat([p.truncated for p in parts]),
+        )
+
+
+def _check_components(family: PipelineFamily, text_encoders: dict | None, tokenizers: dict | None) -> None:
+    missing = [name for name in family.text_encoder_names if text_encoders is not None and name not in text_encoders]
+    missing += [name for name in family.tokenizer_names if tokenizers is not None and name not in tokenizers]
+    if missing:
+        raise SafeTextError(f"the {family.name} family needs {', '.join(missing)}, which were not given")
+
+
+def tokenize(
+    family: PipelineFamily | str, tokenizers: dict, prompts: list[str], *, max_sequence_length: int | None = None
+) -> Tokens:
+    """Tokenize prompts with every tokenizer of `family`: each pads and truncates to its window, as the pipeline does.
 
     Args:
         family: a `PipelineFamily` or the name of one in `FAMILIES`.
-        text_encoders: component name -> text encoder, holding at least the family's `text_encoder_names`.
         tokenizers: component name -> tokenizer, holding at least the family's `tokenizer_names`.
-        prompts: the prompts, one conditioning row each.
-        clip_skip: layers to skip in the CLIP encoders whose spec allows it, as the pipelines' `clip_skip`.
-        max_sequence_length: token window of the encoders with a fixed window (T5), as the pipelines'
-            `max_sequence_length`; None keeps the family's default (SD3: 256, FLUX: 512).
+        prompts: the prompts.
+        max_sequence_length: see `encode`.
 
     Returns:
-        `Conditioning`: the sequence [n, tokens, dim] and the pooled vector [n, dim] (None for SD), on the device of
-        the family's first text encoder.
+        `Tokens`, on the CPU.
 
     Raises:
-        `SafeTextError`: unknown family, missing components, no prompts, an out-of-range `clip_skip` or
-            `max_sequence_length`, or CLIP sequences wider than the T5 sequence they are padded to (SD3).
+        `SafeTextError`: unknown family, missing tokenizers, no prompts or an out-of-range `max_sequence_length`.
     """
     family = _resolve_family(family)
     if isinstance(prompts, str) or not prompts:
         raise SafeTextError(f"encode needs a non-empty list of prompts, got {prompts!r}")
-    skip = 0 if clip_skip is None else clip_skip
-    if skip < 0:
-        raise SafeTextError(f"clip_skip={clip_skip} must be zero or positive")
     if max_sequence_length is not None and not 0 < max_sequence_length <= MAX_SEQUENCE_LENGTH:
         raise SafeTextError(f"max_sequence_length={max_sequence_length} must be between 1 and {MAX_SEQUENCE_LENGTH}")
-    missing = [name for name in family.text_encoder_names if name not in text_encoders]
-    missing += [name for name in family.tokenizer_names if name not in tokenizers]
-    if missing:
-        raise SafeTextError(f"the {family.name} family needs {', '.join(missing)}, which were not given")
-
-    device = text_encoders[family.encoders[0].text_encoder].device
-    sequences, pooled = [], []
+    _check_components(family, None, tokenizers)
+    input_ids, attention_mask, truncated = {}, {}, torch.zeros(len(prompts), dtype=torch.bool)
     for spec in family.encoders:
-        text_encoder = text_encoders[spec.text_encoder]
+        tokenizer = tokenizers[spec.tokenizer]
         if spec.max_length is not None:
             window = max_sequence_length or spec.max_length
         else:
             window = tokenizers[spec.window_from or spec.tokenizer].model_max_length
-        batch = tokenizers[spec.tokenizer](
-            prompts, padding="max_length", max_length=window, truncation=True, return_tensors="pt"
+        batch = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=window,
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="pt",
         )
-        use_mask = spec.attention_mask == "if_configured" and getattr(text_encoder.config, "use_attention_mask", False)
-        attention_mask = batch.attention_mask.to(text_encoder.device) if use_mask else None
+        input_ids[spec.tokenizer], attention_mask[spec.tokenizer] = batch.input_ids, batch.attention_mask
+        # verbose=False: lengths beyond the window are expected here, they are what is being counted.
+        lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
+        truncated |= torch.tensor([length > window for length in lengths], dtype=torch.bool)
+    return Tokens(input_ids, attention_mask, truncated)
+
+
+def sequence_positions(family: PipelineFamily | str, tokens: Tokens) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Which positions of the conditioning sequence hold prompt tokens, and which hold a BOS token.
+
+    Sequences side by side on the feature axis share their token positions (SDXL's two CLIP encoders tokenize a
+    prompt to the same number of tokens), so the first such encoder's mask stands for them; SD3's appended T5 tokens
+    follow the CLIP window.
+
+    Returns:
+        The attention mask [n, sequence tokens] and the positions of BOS tokens in the sequence.
+    """
+    family = _resolve_family(family)
+    with_sequence = [spec for spec in family.encoders if spec.hidden_state is not None]
+    parts = [with_sequence[0]]
+    if family.sequence_layout == "features_then_tokens":
+        parts.append(with_sequence[-1])
+    masks, bos_positions, offset = [], [], 0
+    for spec in parts:
+        mask = tokens.attention_mask[spec.tokenizer]
+        if spec.starts_with_bos:
+            bos_positions.append(offset)
+        masks.append(mask)
+        offset += mask.shape[1]
+    return torch.cat(masks, dim=1), tuple(bos_positions)
+
+
+def encode_tokens(
+    family: PipelineFamily | str, text_encoders: dict, tokens: Tokens, *, clip_skip: int | None = None
+) -> Conditioning:
+    """Encode tokenized prompts into the conditioning a pipeline of `family` gives its denoiser (see `encode`)."""
+    family = _resolve_family(family)
+    skip = 0 if clip_skip is None else clip_skip
+    if skip < 0:
+        raise SafeTextError(f"clip_skip={clip_skip} must be zero or positive")
+    _check_components(family, text_encoders, None)
+    device = text_encoders[family.encoders[0].text_encoder].device
+    sequences, pooled = [], []
+    for spec in family.encoders:
+        text_encoder = text_encoders[spec.text_encoder]
+        input_ids = tokens.input_ids[spec.tokenizer].to(text_encoder.device)
+        use_mask = spec.attention_mask == "required" or (
+            spec.attention_mask == "if_configured" and getattr(text_encoder.config, "use_attention_mask", False)
+        )
+        attention_mask = tokens.attention_mask[spec.tokenizer].to(text_encoder.device) if use_mask else None
         output = text_encoder(
-            batch.input_ids.to(text_encoder.device),
+            input_ids,
             attention_mask=attention_mask,
             output_hidden_states=spec.hidden_state == "penultimate" or (spec.clip_skip and skip > 0),
         )
@@ -364,3 +467,45 @@ def encode(
             )
         sequence = torch.cat([torch.nn.functional.pad(side_by_side, (0, padding)), appended], dim=-2)
     return Conditioning(sequence=sequence, pooled=torch.cat(pooled, dim=-1) if pooled else None)
+
+
+def encode(
+    family: PipelineFamily | str,
+    text_encoders: dict,
+    tokenizers: dict,
+    prompts: list[str],
+    *,
+    clip_skip: int | None = None,
+    max_sequence_length: int | None = None,
+) -> Conditioning:
+    """Encode prompts into the conditioning a pipeline of `family` gives its denoiser.
+
+    Equals the pipeline's `encode_prompt` for the same prompts with one image per prompt, no classifier-free
+    guidance, no LoRA scale and every prompt slot (`prompt_2`, `prompt_3`) left to `prompt`: each tokenizer pads and
+    truncates to its window, each encoder runs on its own device (no attention mask unless its spec says so), the
+    chosen hidden states and pooled outputs are cast and combined as the family says. Gradients flow: wrap the call
+    in `torch.no_grad()` when none are needed. `tokenize` then `encode_tokens` do the same in two steps.
+
+    Args:
+        family: a `PipelineFamily` or the name of one in `FAMILIES`.
+        text_encoders: component name -> text encoder, holding at least the family's `text_encoder_names`.
+        tokenizers: component name -> tokenizer, holding at least the family's `tokenizer_names`.
+        prompts: the prompts, one conditioning row each.
+        clip_skip: layers to skip in the CLIP encoders whose spec allows it, as the pipelines' `clip_skip`.
+        max_sequence_length: token window of the encoders with a fixed window (T5), as the pipelines'
+            `max_sequence_length`; None keeps the family's default (SD3: 256, FLUX: 512).
+
+    Returns:
+        `Conditioning`: the sequence [n, tokens, dim] and the pooled vector [n, dim] (None for SD), on the device of
+        the family's first text encoder.
+
+    Raises:
+        `SafeTextError`: unknown family, missing components, no prompts, an out-of-range `clip_skip` or
+            `max_sequence_length`, or CLIP sequences wider than the T5 sequence they are padded to (SD3).
+    """
+    family = _resolve_family(family)
+    _check_components(family, text_encoders, tokenizers)
+    if clip_skip is not None and clip_skip < 0:
+        raise SafeTextError(f"clip_skip={clip_skip} must be zero or positive")
+    tokens = tokenize(family, tokenizers, prompts, max_sequence_length=max_sequence_length)
+    return encode_tokens(family, text_encoders, tokens, clip_skip=clip_skip)

@@ -99,8 +99,8 @@ def plan_images(prompts: PromptSet, config: GenerationConfig) -> list[ImageJob]:
 def load_pipeline(pretrained_model_name_or_path, revision=None, device=None, dtype=None):
     """Opens a diffusers pipeline for generation, for a base model or a folder written by `safetext align`.
 
-    An aligned folder is opened as its base pipeline with the aligned `text_encoder/` and `tokenizer/` swapped in
-    (or as its exported `pipeline/` when there is one). The safety checker is left out: evaluation measures what
+    An aligned folder is opened as its base pipeline with every aligned encoder (`text_encoder/`, `text_encoder_2/`,
+    ...) and the tokenizers swapped in (or as its exported `pipeline/` when there is one). The safety checker is left out: evaluation measures what
     the model draws.
     """
     from diffusers import DiffusionPipeline
@@ -125,7 +125,8 @@ def load_pipeline(pretrained_model_name_or_path, revision=None, device=None, dty
             base = resolve_model_name(record["model"]["pretrained_model_name_or_path"])
             revision = record["model"].get("revision")
             aligned = load_text_encoder(path, torch_dtype=dtype)
-            overrides = {"text_encoder": aligned.text_encoder, "tokenizer": aligned.tokenizer}
+            # the frozen encoders were read from the base model: passing them too saves loading them twice
+            overrides = {**aligned.text_encoders, **aligned.tokenizers}
     else:
         base = pretrained_model_name_or_path
         if path.exists() and not (path / "model_index.json").is_file():
@@ -276,7 +277,7 @@ def _aligned_encoder_sha256(model) -> str | None:
     if not (folder / "safetext.json").is_file():
         return None
     digest = hashlib.sha256()
-    for path in sorted((folder / "text_encoder").glob("*.safetensors")):
+    for path in sorted(folder.glob("text_encoder*/*.safetensors")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

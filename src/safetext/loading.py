@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetext.errors import SafeTextError
+from safetext.families import BARE_FAMILY, FAMILIES, PipelineFamily, detect_family
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +24,17 @@ MINIWORLD = "miniworld"
 
 @dataclass
 class LoadedEncoder:
-    """A tokenizer and text encoder with where they came from.
+    """The text encoders and tokenizers of a model with where they came from.
 
     Attributes:
-        tokenizer: the tokenizer.
-        text_encoder: the encoder, in float32 on the CPU unless asked otherwise.
+        tokenizer: the first tokenizer (`tokenizer`).
+        text_encoder: the first encoder (`text_encoder`), in float32 on the CPU unless asked otherwise.
         bare: true for a stand-alone encoder (no diffusion pipeline involved).
-        family: the pipeline family (`sd` for SD 1.x/2.x) or None for a bare encoder.
-        source: provenance: the path or Hub id, revision, kind and a content hash of the encoder weights.
+        family: the pipeline family's name (`sd`, `sdxl`, `sd3`, `flux`) or None for a bare encoder.
+        source: provenance: the path or Hub id, revision, kind, and content hashes of the encoder weights
+            (`text_encoder_sha256` over every encoder of the family, `text_encoders` per encoder).
+        text_encoders: every text encoder of the family, by component name.
+        tokenizers: every tokenizer of the family, by component name.
     """
 
     tokenizer: object
@@ -38,6 +42,13 @@ class LoadedEncoder:
     bare: bool
     family: str | None
     source: dict = field(default_factory=dict)
+    text_encoders: dict = field(default_factory=dict)
+    tokenizers: dict = field(default_factory=dict)
+
+    @property
+    def pipeline_family(self) -> PipelineFamily:
+        """The family's description; `BARE_FAMILY` for a bare encoder."""
+        return BARE_FAMILY if self.family is None else FAMILIES[self.family]
 
 
 def _hash_files(paths) -> str:
@@ -91,11 +102,21 @@ def _resolve(pretrained_model_name_or_path, revision) -> tuple[Path, bool]:
                 "*.json",
                 "*.txt",
                 "*.model",
-                "text_encoder/*",
-                "tokenizer/*",
+                "text_encoder*/*",
+                "tokenizer*/*",
                 "*.safetensors",
             ],
-            ignore_patterns=["unet/*", "vae/*", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.h5"],
+            ignore_patterns=[
+                "unet/*",
+                "vae/*",
+                "transformer/*",
+                "*.bin",
+                "*.ckpt",
+                "*.pt",
+                "*.pth",
+                "*.msgpack",
+                "*.h5",
+            ],
         )
     except Exception as error:  # the Hub client raises many kinds; the user needs one line
         raise SafeTextError(
@@ -105,46 +126,110 @@ def _resolve(pretrained_model_name_or_path, revision) -> tuple[Path, bool]:
     return Path(local), True
 
 
-def load_text_encoder(pretrained_model_name_or_path, revision: str | None = None, torch_dtype=None) -> LoadedEncoder:
-    """Loads the tokenizer and text encoder of a pipeline, an aligned folder or a bare encoder.
+def load_text_encoder(
+    pretrained_model_name_or_path, revision: str | None = None, torch_dtype=None, family: str | None = None
+) -> LoadedEncoder:
+    """Loads every text encoder and tokenizer of a pipeline, an aligned folder or a bare encoder.
+
+    A pipeline's family is read from its `model_index.json` (`families.detect_family`); an aligned folder's from its
+    `safetext.json`, whose base model supplies the encoders the alignment left frozen. Encoders are loaded as the
+    classes the pipeline names (a `CLIPTextModelWithProjection` keeps its projection), from safetensors only and
+    without remote code.
 
     Args:
         pretrained_model_name_or_path: a local folder or a Hub id.
         revision: the Hub revision (branch, tag or commit).
-        torch_dtype: dtype to load the encoder in (default float32).
+        torch_dtype: dtype to load the encoders in (default float32).
+        family: force the pipeline family (`sd`, `sdxl`, `sd3`, `flux`) instead of detecting it, for a pipeline
+            whose class is a variant of a supported one.
 
     Returns:
         A `LoadedEncoder`.
 
     Raises:
-        SafeTextError: the folder has no text encoder or tokenizer, holds only pickled weights, or the tokenizer's
-            vocabulary does not fit the encoder's embedding table.
+        SafeTextError: an unsupported pipeline class or unknown family, a folder without a text encoder or tokenizer
+            the family needs, only pickled weights, or a tokenizer whose vocabulary does not fit its encoder.
     """
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
+    if family is not None and family not in FAMILIES:
+        raise SafeTextError(f"unknown pipeline family {family!r}: choose one of {', '.join(FAMILIES)}")
     root, downloaded = _resolve(pretrained_model_name_or_path, revision)
     has_index = (root / "model_index.json").is_file()
+    record = _aligned_record(root)
+    # folders the frozen encoders of an aligned folder are read from (its base model), when it lacks them
+    fallback_roots = []
     if has_index or (root / "text_encoder").is_dir():
         # an aligned folder keeps the kind of its base: a bare encoder stays bare (it takes an attention mask)
-        bare = not has_index and _aligned_from_bare(root)
-        encoder_dir, tokenizer_dir = root / "text_encoder", root / "tokenizer"
-        if not encoder_dir.is_dir():
-            raise SafeTextError(f"{root}: pipeline folder without a text_encoder/ folder")
-        if not tokenizer_dir.is_dir():
-            raise SafeTextError(f"{root}: pipeline folder without a tokenizer/ folder")
-        kind = "pipeline" if has_index else "aligned_text_encoder"
+        bare = not has_index and not record.get("model", {}).get("pipeline_involved", True)
         if bare:
-            kind = "aligned_bare_text_encoder"
+            pipeline_family, kind = BARE_FAMILY, "aligned_bare_text_encoder"
+        elif has_index:
+            index = json.loads((root / "model_index.json").read_text())
+            pipeline_family = FAMILIES[family] if family else detect_family(index)
+            kind = "pipeline"
+        else:
+            model = record.get("model", {})
+            pipeline_family = FAMILIES[family or model.get("family") or "sd"]
+            kind = "aligned_text_encoder"
+            base = model.get("resolved_path") or model.get("pretrained_model_name_or_path")
+            if base and any(not (root / name).is_dir() for name in pipeline_family.text_encoder_names):
+                fallback_roots.append(_resolve(base, model.get("revision"))[0])
+        encoder_dirs = {}
+        for spec in pipeline_family.encoders:
+            candidates = [root / spec.text_encoder] + [r / spec.text_encoder for r in fallback_roots]
+            found = [path for path in candidates if path.is_dir()]
+            if not found:
+                raise SafeTextError(f"{root}: pipeline folder without a {spec.text_encoder}/ folder")
+            if not (root / spec.tokenizer).is_dir():
+                raise SafeTextError(f"{root}: pipeline folder without a {spec.tokenizer}/ folder")
+            encoder_dirs[spec.text_encoder] = (found[0], root / spec.tokenizer)
     elif (root / "config.json").is_file():
         bare = True
-        encoder_dir = tokenizer_dir = root
-        kind = "bare_text_encoder"
+        pipeline_family, kind = BARE_FAMILY, "bare_text_encoder"
+        encoder_dirs = {"text_encoder": (root, root)}
     else:
         raise SafeTextError(
             f"{root}: not a model folder (expected model_index.json with text_encoder/ and tokenizer/, "
             "or a transformers encoder with config.json)"
         )
+
+    text_encoders, tokenizers, per_encoder, all_weights = {}, {}, {}, []
+    for spec in pipeline_family.encoders:
+        encoder_dir, tokenizer_dir = encoder_dirs[spec.text_encoder]
+        weights = _safetensors_of(encoder_dir)
+        tokenizers[spec.tokenizer] = _load_tokenizer(tokenizer_dir)
+        text_encoders[spec.text_encoder] = _load_encoder(encoder_dir, torch_dtype, bare)
+        _check_vocabulary(root, tokenizers[spec.tokenizer], text_encoders[spec.text_encoder])
+        all_weights += weights
+        per_encoder[spec.text_encoder] = {
+            "class": type(text_encoders[spec.text_encoder]).__name__,
+            "sha256": _hash_files(weights),
+            "parameters": sum(p.numel() for p in text_encoders[spec.text_encoder].parameters()),
+        }
+    first = pipeline_family.encoders[0]
+    source = {
+        "pretrained_model_name_or_path": str(pretrained_model_name_or_path),
+        "revision": revision,
+        "kind": kind,
+        "resolved_path": str(root) if downloaded else None,
+        "text_encoder_class": per_encoder[first.text_encoder]["class"],
+        # over every encoder of the family: for SD, the hash of its one encoder
+        "text_encoder_sha256": _hash_files(all_weights),
+        "parameters": per_encoder[first.text_encoder]["parameters"],
+    }
+    if len(per_encoder) > 1:
+        source["text_encoders"] = per_encoder
+    return LoadedEncoder(
+        tokenizer=tokenizers[first.tokenizer],
+        text_encoder=text_encoders[first.text_encoder],
+        bare=bare,
+        family=None if bare else pipeline_family.name,
+        source=source,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+    )
+
+
+def _safetensors_of(encoder_dir: Path) -> list[Path]:
     weights = sorted(encoder_dir.glob("*.safetensors"))
     if not weights:
         pickled = [p.name for p in encoder_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
@@ -154,13 +239,36 @@ def load_text_encoder(pretrained_model_name_or_path, revision: str | None = None
                 "(convert them with save_pretrained(..., safe_serialization=True))"
             )
         raise SafeTextError(f"{encoder_dir}: no model weights (*.safetensors)")
+    return weights
+
+
+def _load_tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except Exception as error:
         raise SafeTextError(f"{tokenizer_dir}: could not load the tokenizer ({_first_line(error)})") from None
+
+
+def _encoder_class(encoder_dir: Path, bare: bool):
+    """The class the folder's config names (a pipeline's `CLIPTextModelWithProjection` must keep its projection);
+    `AutoModel` for a bare encoder, whose config may name a task head the alignment does not use."""
+    import transformers
+
+    if not bare:
+        architectures = json.loads((encoder_dir / "config.json").read_text()).get("architectures") or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
+def _load_encoder(encoder_dir: Path, torch_dtype, bare: bool):
+    import torch
+
     try:
-        text_encoder = AutoModel.from_pretrained(
+        text_encoder = _encoder_class(encoder_dir, bare).from_pretrained(
             # float32 unless asked: transformers would otherwise keep the stored dtype (fp16 weights train badly)
             encoder_dir,
             use_safetensors=True,
@@ -169,47 +277,25 @@ def load_text_encoder(pretrained_model_name_or_path, revision: str | None = None
         )
     except Exception as error:
         raise SafeTextError(f"{encoder_dir}: could not load the text encoder ({_first_line(error)})") from None
+    text_encoder.requires_grad_(False)
+    text_encoder.eval()
+    return text_encoder
 
+
+def _check_vocabulary(root: Path, tokenizer, text_encoder) -> None:
     vocab_size = getattr(text_encoder.config, "vocab_size", None)
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise SafeTextError(
             f"{root}: the tokenizer has {len(tokenizer)} tokens but the text encoder embeds only {vocab_size}; "
             "they do not belong together"
         )
-    text_encoder.requires_grad_(False)
-    text_encoder.eval()
-    source = {
-        "pretrained_model_name_or_path": str(pretrained_model_name_or_path),
-        "revision": revision,
-        "kind": kind,
-        "resolved_path": str(root) if downloaded else None,
-        "text_encoder_class": type(text_encoder).__name__,
-        "text_encoder_sha256": _hash_files(weights),
-        "parameters": sum(p.numel() for p in text_encoder.parameters()),
-    }
-    family = None if bare else _family(root)
-    return LoadedEncoder(tokenizer=tokenizer, text_encoder=text_encoder, bare=bare, family=family, source=source)
 
 
-def _aligned_from_bare(root: Path) -> bool:
+def _aligned_record(root: Path) -> dict:
     record = root / "safetext.json"
-    if not record.is_file():
-        return False
-    return not json.loads(record.read_text()).get("model", {}).get("pipeline_involved", True)
-
-
-def _family(root: Path) -> str:
-    index_file = root / "model_index.json"
-    if not index_file.is_file():
-        record = root / "safetext.json"
-        if record.is_file():
-            return json.loads(record.read_text()).get("model", {}).get("family", "sd")
-        return "sd"
-    index = json.loads(index_file.read_text())
-    pipeline_class = index.get("_class_name", "")
-    if pipeline_class.startswith("StableDiffusion") and "XL" not in pipeline_class and "3" not in pipeline_class:
-        return "sd"
-    raise SafeTextError(f"{root}: pipeline class {pipeline_class!r} is not supported yet; supported: sd (SD 1.x/2.x)")
+    if (root / "model_index.json").is_file() or not record.is_file():
+        return {}
+    return json.loads(record.read_text())
 
 
 def _first_line(error: Exception) -> str:

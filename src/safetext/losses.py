@@ -78,8 +78,22 @@ def safetext_loss(
     utility_distance: str = "l2",
     effectiveness_distance: str = "negcosine",
     relative: bool = True,
+    *,
+    safe_pooled: torch.Tensor | None = None,
+    safe_pooled_reference: torch.Tensor | None = None,
+    unsafe_pooled: torch.Tensor | None = None,
+    unsafe_pooled_reference: torch.Tensor | None = None,
+    pooled_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The SafeText objective L = L_u - lambda * L_e.
+
+    The paper's tau(p) is one embedding per prompt. Pipelines with a pooled vector beside the token sequence (SDXL,
+    SD3, FLUX) condition the denoiser on both, so both enter each term, the pooled vector as one more position
+    compared on its own:
+
+        L_u = L_u(sequence) + w * L_u(pooled)      L_e = L_e(sequence) + w * L_e(pooled)
+
+    with w = `pooled_weight`. Without pooled tensors the terms are the sequence's alone, exactly as before.
 
     Args:
         safe_embeddings, safe_reference, safe_mask: aligned and original embeddings of safe prompts, and the mask.
@@ -88,10 +102,38 @@ def safetext_loss(
         utility_distance: d_u (paper: `l2`).
         effectiveness_distance: d_e (paper: `negcosine`).
         relative: measure l2 distances relative to the reference's norm (see `embedding_distance`).
+        safe_pooled, safe_pooled_reference: aligned and original pooled vectors [batch, dim] of the safe prompts.
+        unsafe_pooled, unsafe_pooled_reference: the same for the unsafe prompts; give all four or none.
+        pooled_weight: w, the weight of the pooled vector's distances against the sequence's.
 
     Returns:
-        A dict with `utility_loss` (L_u), `effectiveness_loss` (L_e) and `loss` (the total to minimise).
+        A dict with `utility_loss` (L_u), `effectiveness_loss` (L_e) and `loss` (the total to minimise); with pooled
+        vectors also each tensor's own terms, `utility_loss_sequence`, `utility_loss_pooled`,
+        `effectiveness_loss_sequence` and `effectiveness_loss_pooled`.
     """
     l_u = utility_loss(safe_embeddings, safe_reference, safe_mask, utility_distance, relative)
     l_e = effectiveness_loss(unsafe_embeddings, unsafe_reference, unsafe_mask, effectiveness_distance, relative)
-    return {"utility_loss": l_u, "effectiveness_loss": l_e, "loss": l_u - effectiveness_weight * l_e}
+    pooled = (safe_pooled, safe_pooled_reference, unsafe_pooled, unsafe_pooled_reference)
+    if all(tensor is None for tensor in pooled):
+        return {"utility_loss": l_u, "effectiveness_loss": l_e, "loss": l_u - effectiveness_weight * l_e}
+    if any(tensor is None for tensor in pooled):
+        raise ValueError("give the aligned and original pooled vectors of both safe and unsafe prompts, or none")
+
+    def one_position(vectors):  # [batch, dim] -> [batch, 1, dim] and its mask
+        return vectors.unsqueeze(1), torch.ones(vectors.shape[0], 1, dtype=torch.bool, device=vectors.device)
+
+    (safe_x, safe_m), (safe_y, _) = one_position(safe_pooled), one_position(safe_pooled_reference)
+    (unsafe_x, unsafe_m), (unsafe_y, _) = one_position(unsafe_pooled), one_position(unsafe_pooled_reference)
+    l_u_pooled = utility_loss(safe_x, safe_y, safe_m, utility_distance, relative)
+    l_e_pooled = effectiveness_loss(unsafe_x, unsafe_y, unsafe_m, effectiveness_distance, relative)
+    total_u = l_u + pooled_weight * l_u_pooled
+    total_e = l_e + pooled_weight * l_e_pooled
+    return {
+        "utility_loss": total_u,
+        "effectiveness_loss": total_e,
+        "loss": total_u - effectiveness_weight * total_e,
+        "utility_loss_sequence": l_u,
+        "utility_loss_pooled": l_u_pooled,
+        "effectiveness_loss_sequence": l_e,
+        "effectiveness_loss_pooled": l_e_pooled,
+    }
