@@ -78,6 +78,10 @@ def test_quality_gates_are_measured_and_written_into_the_model_card(quick, capsy
     for gate in record["gates"]:
         assert 0 <= gate["value"] <= 1 and gate["passed"] == (gate["value"] >= gate["required"])
     assert record["all_passed"] == all(gate["passed"] for gate in record["gates"])
+    ceiling = record["autoencoder_ceiling"]
+    # clean renders are the detector's home ground; reconstructions by an untrained VAE are not
+    assert set(ceiling["recall_clean"]) == set(ceiling["recall_reconstructed"]) and ceiling["l1"] > 0
+    assert min(ceiling["recall_clean"].values()) > 0.9
 
     code = quality_main(["--model", str(quick), "--steps", "1", "--per-class", "1"])
     assert code in (0, 1)

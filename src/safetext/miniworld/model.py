@@ -82,6 +82,14 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
                 f"| {gate['name']} | {_percent(gate['value'])} | {_percent(gate['required'])} | "
                 f"{'yes' if gate['passed'] else 'NO'} |"
             )
+        ceiling = quality.get("autoencoder_ceiling")
+        if ceiling:
+            recall = ceiling["recall_reconstructed"]
+            lines += [
+                "",
+                "The autoencoder's ceiling (detector recall on reconstructions of fresh renders; no UNet on this VAE "
+                "can do better): " + ", ".join(f"{label} {_percent(value)}" for label, value in recall.items()) + ".",
+            ]
     lines += [
         "",
         "## Use",
