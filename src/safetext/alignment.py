@@ -617,20 +617,28 @@ def _train_lora_dropout(peft_model) -> None:
 def _enable_gradient_checkpointing(text_encoder, name: str) -> None:
     """Turns on the encoder's own activation checkpointing (transformers), in eval mode.
 
-    transformers checkpoints a layer only while that module is in training mode, and the alignment keeps the encoders
-    in eval mode (no dropout). So the modules that carry the checkpointing flag, and those alone, are set to training
-    mode: their dropout sublayers stay off, and the gradients equal those computed without checkpointing.
+    transformers checkpoints a layer (a `GradientCheckpointingLayer`: CLIP's encoder layer, T5's block) only while it
+    is in training mode, and the alignment keeps the encoders in eval mode (no dropout). So those layer modules, and
+    they alone, are set to training mode: their attention and dropout sublayers stay in eval mode (T5's attention,
+    which also carries a checkpointing flag, would otherwise turn its dropout on), and the gradients equal those
+    computed without checkpointing.
     """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        raise SafeTextError(
+            "gradient_checkpointing needs a newer transformers (one with modeling_layers.GradientCheckpointingLayer)"
+        ) from None
     if not getattr(text_encoder, "supports_gradient_checkpointing", False):
         raise SafeTextError(f"{name} ({type(text_encoder).__name__}) does not support gradient checkpointing")
     # non-reentrant: with the embeddings frozen (LoRA), the reentrant form would see no input needing gradients
     kwargs = {"use_reentrant": False}
-    if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+    if hasattr(text_encoder, "activation_checkpointing_enable"):  # the name in transformers 5
         text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     for module in text_encoder.modules():
-        if getattr(module, "gradient_checkpointing", False) is True:
+        if isinstance(module, GradientCheckpointingLayer):
             module.training = True
 
 
