@@ -387,3 +387,27 @@ def test_sdxl_lora_trains_both_clip_encoders(prompt_lists, tmp_path):
         output_type="np",
     ).images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_flux_lora_with_t5_trained_uses_its_attention_projections(prompt_lists, tmp_path):
+    base = create_tiny_pipeline(tmp_path / "flux", family="flux", seed=0)
+    config = AlignmentConfig(
+        lora_rank=2,
+        train_encoders=["text_encoder", "text_encoder_2"],
+        gradient_checkpointing=True,
+        max_train_steps=2,
+        checkpointing_steps=0,
+        learning_rate=1e-2,
+        **SHORT,
+    )
+    unsafe, safe = {"unsafe": PromptSet(list(prompt_lists[0]))}, {"safe": PromptSet(list(prompt_lists[1]))}
+    result = align(base, unsafe, safe, tmp_path / "out", config, show_progress=False)
+    lora = result.record["lora"]
+    assert lora["target_modules"] == {"text_encoder": list(TARGETS[:4]), "text_encoder_2": ["q", "k", "v", "o"]}
+    assert result.record["training"]["gradient_checkpointing"] is True
+    assert (tmp_path / "out" / "text_encoder_2_lora" / "adapter_model.safetensors").is_file()
+    adapter = load_file(tmp_path / "out" / "text_encoder_2_lora" / "adapter_model.safetensors")
+    assert (
+        sum(t.numel() for t in adapter.values()) == result.record["training"]["trainable_parameters"]["text_encoder_2"]
+    )
+    assert result.metrics["train"]["unsafe_cosine"]["after"] < 1.0
