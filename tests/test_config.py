@@ -123,3 +123,28 @@ def test_pooled_weight_and_train_encoders_are_validated():
     config = AlignmentConfig(train_encoders=("text_encoder", "text_encoder_2"))
     assert config.train_encoders == ["text_encoder", "text_encoder_2"]
     assert AlignmentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_lora_settings_are_validated():
+    assert AlignmentConfig().lora_rank is None  # full fine-tuning by default
+    assert AlignmentConfig(lora_rank=8).effective_lora_alpha == 8  # alpha defaults to the rank: scale 1
+    assert AlignmentConfig(lora_rank=8, lora_alpha=16).effective_lora_alpha == 16
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="lora_rank=.* must be a whole number >= 1"):
+            AlignmentConfig(lora_rank=bad)
+    with pytest.raises(ValueError, match=r"lora_alpha=0 is out of range; it must lie in \(0.0, inf\)"):
+        AlignmentConfig(lora_rank=4, lora_alpha=0)
+    with pytest.raises(ValueError, match=r"lora_dropout=1.0 is out of range; it must lie in \[0.0, 1.0\)"):
+        AlignmentConfig(lora_rank=4, lora_dropout=1.0)
+    for bad in ("q_proj", [], ["q_proj", ""]):
+        with pytest.raises(ValueError, match="lora_target_modules=.* must be a non-empty list of module names"):
+            AlignmentConfig(lora_rank=4, lora_target_modules=bad)
+    # LoRA settings without a rank would be silently ignored: refused instead
+    for settings in ({"lora_alpha": 8}, {"lora_target_modules": ["q_proj"]}, {"lora_dropout": 0.1}):
+        with pytest.raises(ValueError, match="needs lora_rank"):
+            AlignmentConfig(**settings)
+    with pytest.raises(ValueError, match="gradient_checkpointing='yes' must be true or false"):
+        AlignmentConfig(gradient_checkpointing="yes")
+    config = AlignmentConfig(lora_rank=4, lora_target_modules=("q_proj", "v_proj"), gradient_checkpointing=True)
+    assert config.lora_target_modules == ["q_proj", "v_proj"]
+    assert AlignmentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -19,6 +19,7 @@ _EXPORTS = {
     "TextConditioner": "safetext.conditioning",
     "TextEncoders": "safetext.conditioning",
     "load_text_encoder": "safetext.loading",
+    "load_lora_adapter": "safetext.lora",
     "align": "safetext.alignment",
     "AlignmentResult": "safetext.alignment",
     "embedding_metrics": "safetext.metrics",
@@ -38,6 +39,7 @@ __all__ = [
     "build_clip_tokenizer",
     "create_tiny_pipeline",
     "embedding_metrics",
+    "load_lora_adapter",
     "load_text_encoder",
     "read_prompts",
     "safetext_loss",
@@ -57,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from safetext.config import AlignmentConfig
     from safetext.errors import SafeTextError
     from safetext.loading import load_text_encoder
+    from safetext.lora import load_lora_adapter
     from safetext.losses import safetext_loss
     from safetext.metrics import embedding_metrics
     from safetext.prompts import PromptSet, read_prompts

@@ -31,6 +31,7 @@ from safetext.config import AlignmentConfig
 from safetext.errors import SafeTextError
 from safetext.families import Conditioning, Tokens
 from safetext.loading import load_text_encoder
+from safetext.lora import ADAPTER_SUFFIX, add_lora_adapter, encoder_sha256, resolve_target_modules
 from safetext.losses import safetext_loss
 from safetext.metrics import embedding_metrics
 from safetext.prompts import PromptSet, remove_overlap, split_heldout
@@ -49,6 +50,9 @@ RUN_ARTIFACTS = (
     "text_encoder",
     "text_encoder_2",
     "text_encoder_3",
+    "text_encoder_lora",
+    "text_encoder_2_lora",
+    "text_encoder_3_lora",
     "tokenizer",
     "tokenizer_2",
     "tokenizer_3",
@@ -65,6 +69,8 @@ RUN_LENGTH_SETTINGS = (
     "checkpoints_total_limit",
     "log_every",
     "eval_batch_size",
+    # recomputing activations changes memory and time, not the gradients
+    "gradient_checkpointing",
 )
 
 
@@ -303,6 +309,13 @@ def align(
         )
     # keep the family's order whatever order they were named in: it fixes the optimizer's parameter order
     train_encoders = [name for name in names if name in train_encoders]
+    # checked here, before the output folder is claimed: a target that matches nothing must not cost a run
+    lora_targets = {}
+    if config.lora_rank is not None:
+        lora_targets = {
+            name: resolve_target_modules(loaded.text_encoders[name], config.lora_target_modules, name)
+            for name in train_encoders
+        }
     encoders = TextEncoders(pipeline_family, loaded.text_encoders, loaded.tokenizers)
     fingerprint = _fingerprint(loaded.source, pipeline_family.name, config, groups)
     _check_output_dir(output_dir, fingerprint, resume, overwrite)
@@ -345,11 +358,29 @@ def align(
     )
 
     # 4. The encoders tau_s being trained start as tau; the others stay frozen (T5 by default, see train_encoders).
-    # All stay in eval mode: dropout would make the utility term noisy around a deterministic reference, and without
-    # it a resumed run repeats an uninterrupted one exactly.
-    for name in train_encoders:
-        encoders.text_encoders[name].requires_grad_(True)
+    base_encoders = {name: encoders.text_encoders[name] for name in train_encoders}
+    base_sha256 = {}
+    for name, encoder in base_encoders.items():
+        if config.lora_rank is None:
+            encoder.requires_grad_(True)
+        else:
+            # LoRA: the encoder's own weights stay frozen; peft adds trainable low-rank matrices beside the targets
+            base_sha256[name] = encoder_sha256(encoder)
+            encoders.text_encoders[name] = add_lora_adapter(
+                encoder, lora_targets[name], config.lora_rank, config.effective_lora_alpha, config.lora_dropout
+            )
+    # All stay in eval mode (the adapters peft just created too): dropout would make the utility term noisy around a
+    # deterministic reference, and without it a resumed run repeats an uninterrupted one exactly.
     encoders.eval()
+    for name, encoder in base_encoders.items():
+        if config.lora_dropout:
+            _train_lora_dropout(encoders.text_encoders[name])
+        if config.gradient_checkpointing:
+            _enable_gradient_checkpointing(encoder, name)
+    trainable_parameters = {
+        name: sum(p.numel() for p in encoders.text_encoders[name].parameters() if p.requires_grad)
+        for name in train_encoders
+    }
     # the trained encoders alone: what checkpoints hold (a frozen T5-XXL would add 19 GB to each)
     trained = torch.nn.ModuleDict({name: encoders.text_encoders[name] for name in train_encoders})
     optimizer = torch.optim.AdamW(
@@ -376,7 +407,7 @@ def align(
     start_step = 0
     if resume and list_checkpoints(checkpoints_dir):
         last = list_checkpoints(checkpoints_dir)[-1]
-        state = load_checkpoint(last, trained, optimizer)
+        state = load_checkpoint(last, trained, optimizer, trainable_only=config.lora_rank is not None)
         if state.get("fingerprint") != fingerprint:
             raise SafeTextError(f"{last}: checkpoint of a different run; pass --overwrite to start again")
         start_step = state["step"]
@@ -484,6 +515,8 @@ def align(
                     trained,
                     optimizer,
                     {"step": done, "fingerprint": fingerprint, "epoch": epoch},
+                    # LoRA: the adapters alone, the frozen weights are the base model's
+                    trainable_only=config.lora_rank is not None,
                 )
                 prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
             accelerator.wait_for_everyone()
@@ -532,6 +565,18 @@ def align(
             "num_processes": world,
             "trained_encoders": train_encoders,
             "frozen_encoders": [name for name in names if name not in train_encoders],
+            "trainable_parameters": trainable_parameters,
+            "gradient_checkpointing": config.gradient_checkpointing,
+        },
+        "lora": None
+        if config.lora_rank is None
+        else {
+            "rank": config.lora_rank,
+            "alpha": config.effective_lora_alpha,
+            "dropout": config.lora_dropout,
+            "target_modules": lora_targets,
+            "adapters": {name: name + ADAPTER_SUFFIX for name in train_encoders},
+            "base_encoder_sha256": base_sha256,
         },
         "cost": {
             "wall_seconds": None,
@@ -553,12 +598,48 @@ def align(
             {name: aligned.text_encoders[name] for name in train_encoders},
             loaded.tokenizers,
             record,
+            lora_base_sha256=base_sha256,
             export_pipeline=export_pipeline,
             base=pretrained_model_name_or_path,
             revision=revision,
         )
     accelerator.wait_for_everyone()
     return AlignmentResult(output_dir=output_dir, record=record)
+
+
+def _train_lora_dropout(peft_model) -> None:
+    # eval mode turned every dropout off; LoRA's own dropout layers alone go back to training mode
+    for name, module in peft_model.named_modules():
+        if name.endswith("lora_dropout"):
+            module.train()
+
+
+def _enable_gradient_checkpointing(text_encoder, name: str) -> None:
+    """Turns on the encoder's own activation checkpointing (transformers), in eval mode.
+
+    transformers checkpoints a layer (a `GradientCheckpointingLayer`: CLIP's encoder layer, T5's block) only while it
+    is in training mode, and the alignment keeps the encoders in eval mode (no dropout). So those layer modules, and
+    they alone, are set to training mode: their attention and dropout sublayers stay in eval mode (T5's attention,
+    which also carries a checkpointing flag, would otherwise turn its dropout on), and the gradients equal those
+    computed without checkpointing.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        raise SafeTextError(
+            "gradient_checkpointing needs a newer transformers (one with modeling_layers.GradientCheckpointingLayer)"
+        ) from None
+    if not getattr(text_encoder, "supports_gradient_checkpointing", False):
+        raise SafeTextError(f"{name} ({type(text_encoder).__name__}) does not support gradient checkpointing")
+    # non-reentrant: with the embeddings frozen (LoRA), the reentrant form would see no input needing gradients
+    kwargs = {"use_reentrant": False}
+    if hasattr(text_encoder, "activation_checkpointing_enable"):  # the name in transformers 5
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for module in text_encoder.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
 
 
 def _truncate_log(log_path: Path, last_step: int) -> None:

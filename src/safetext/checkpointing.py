@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from safetext.errors import SafeTextError
+
 STATE_FILE = "training_state.json"
 
 
@@ -43,14 +45,28 @@ def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer, training_state: dict):
-    """Writes a complete checkpoint folder atomically."""
+def save_checkpoint(
+    directory,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    training_state: dict,
+    trainable_only: bool = False,
+):
+    """Writes a complete checkpoint folder atomically.
+
+    With `trainable_only`, `model.safetensors` holds only the parameters that train (LoRA adapters), not the frozen
+    weights they sit on, which the base model already holds.
+    """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    if trainable_only:
+        trainable = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "model.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     tensors, meta = _split_optimizer_state(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     write_json_atomic(tmp / "optimizer.json", meta)
@@ -60,10 +76,22 @@ def save_checkpoint(directory, model: torch.nn.Module, optimizer: torch.optim.Op
     tmp.rename(directory)
 
 
-def load_checkpoint(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restores model and optimizer from a checkpoint folder; returns its training state."""
+def load_checkpoint(
+    directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool = False
+) -> dict:
+    """Restores model and optimizer from a checkpoint folder; returns its training state.
+
+    With `trainable_only`, the checkpoint holds exactly the parameters of `model` that train (see `save_checkpoint`).
+    """
     directory = Path(directory)
-    load_model(model, str(directory / "model.safetensors"))
+    if trainable_only:
+        tensors = load_file(str(directory / "model.safetensors"))
+        expected = {name for name, p in model.named_parameters() if p.requires_grad}
+        if set(tensors) != expected:
+            raise SafeTextError(f"{directory}: the checkpoint holds other parameters than this run trains")
+        model.load_state_dict(tensors, strict=False)
+    else:
+        load_model(model, str(directory / "model.safetensors"))
     tensors = load_file(str(directory / "optimizer.safetensors"))
     meta = json.loads((directory / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer_state(tensors, meta))

@@ -39,6 +39,26 @@ def _add_align(subparsers) -> None:
         help="weight of the pooled vector against the token sequence in both terms (SDXL, SD3, FLUX)",
     )
     p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train LoRA adapters of this rank instead of every weight (default: full fine-tuning)",
+    )
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha (default: the rank)")
+    p.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="dropout on the LoRA branch")
+    p.add_argument(
+        "--lora-target-modules",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated linear layers that get adapters (default: the attention projections, CLIP "
+        "q_proj,k_proj,v_proj,out_proj; T5 q,k,v,o)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute layer activations in the backward pass: less memory, same gradients",
+    )
+    p.add_argument(
         "--unsafe", action="append", default=[], metavar="FILE|NAME", help="unsafe prompts: " + PROMPTS_HELP
     )
     p.add_argument("--safe", action="append", default=[], metavar="FILE|NAME", help="safe prompts: " + PROMPTS_HELP)
@@ -120,6 +140,13 @@ def _run_align(args) -> int:
             train_encoders=[n.strip() for n in args.train_encoders.split(",")]
             if args.train_encoders is not None
             else None,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            lora_target_modules=[n.strip() for n in args.lora_target_modules.split(",")]
+            if args.lora_target_modules is not None
+            else None,
+            gradient_checkpointing=args.gradient_checkpointing,
             learning_rate=args.learning_rate,
             num_train_epochs=args.epochs,
             max_train_steps=args.max_train_steps,

@@ -91,6 +91,40 @@ class AlignmentConfig:
             "still give their unchanged part of the conditioning, inside both terms"
         },
     )
+    lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "rank r of LoRA adapters (peft) trained in place of the encoders' weights; None: full fine-tuning "
+            "of every weight of the trained encoders, the paper's method"
+        },
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LoRA scaling alpha (the update is alpha / r * B A); None: equal to lora_rank (scale 1)"},
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "dropout on the LoRA branch's input. The encoders stay in eval mode during training (the reference "
+            "is deterministic), so a value above 0 puts only the LoRA dropout layers in training mode; such a run "
+            "draws random masks, and a resumed run then differs from an uninterrupted one"
+        },
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "names of the linear layers that get adapters, matched as the last part of a module's name, in "
+            "every trained encoder; None: the attention projections (CLIP: q_proj, k_proj, v_proj, out_proj; T5: q, "
+            "k, v, o; BERT: query, key, value)"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each encoder layer's activations in the backward pass instead of storing them (less "
+            "memory, about one more forward pass of time); the gradients are the same"
+        },
+    )
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     num_train_epochs: int = field(
         default=8, metadata={"help": "passes over the larger of the two training sets (the smaller one cycles)"}
@@ -143,6 +177,26 @@ class AlignmentConfig:
             if len(set(names)) != len(names):
                 raise ValueError(f"train_encoders={names!r} names an encoder twice")
             self.train_encoders = list(names)
+        if self.lora_rank is not None:
+            _check_positive_int("lora_rank", self.lora_rank)
+        if self.lora_alpha is not None:
+            _check_range("lora_alpha", self.lora_alpha, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
+        _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, high_inclusive=False)
+        if self.lora_target_modules is not None:
+            names = self.lora_target_modules
+            if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(
+                    f"lora_target_modules={names!r} must be a non-empty list of module names, e.g. ['q_proj', 'v_proj']"
+                )
+            self.lora_target_modules = list(names)
+        if self.lora_rank is None:
+            for name in ("lora_alpha", "lora_target_modules"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}={getattr(self, name)!r} needs lora_rank (LoRA is off without a rank)")
+            if self.lora_dropout:
+                raise ValueError(f"lora_dropout={self.lora_dropout!r} needs lora_rank (LoRA is off without a rank)")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be true or false")
         _check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
         _check_range("heldout_fraction", self.heldout_fraction, 0.0, 1.0, high_inclusive=False)
         _check_range("adam_beta1", self.adam_beta1, 0.0, 1.0, high_inclusive=False)
@@ -164,6 +218,10 @@ class AlignmentConfig:
     @property
     def effective_safe_batch_size(self) -> int:
         return self.safe_batch_size or self.train_batch_size
+
+    @property
+    def effective_lora_alpha(self) -> float | None:
+        return self.lora_alpha if self.lora_alpha is not None else self.lora_rank
 
     def to_dict(self) -> dict:
         return asdict(self)

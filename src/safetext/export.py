@@ -7,6 +7,7 @@ from pathlib import Path
 from safetext.checkpointing import write_json_atomic
 from safetext.errors import SafeTextError
 from safetext.families import FAMILIES
+from safetext.lora import ADAPTER_SUFFIX, save_lora_adapter
 
 
 def _replace_dir(target: Path, write) -> None:
@@ -29,6 +30,7 @@ def export_alignment(
     export_pipeline: bool = False,
     base=None,
     revision: str | None = None,
+    lora_base_sha256: dict | None = None,
 ) -> None:
     """Writes the aligned encoders (safetensors), the tokenizers, `safetext.json` and `README.md` into output_dir.
 
@@ -43,12 +45,22 @@ def export_alignment(
         record: the content of `safetext.json`.
         export_pipeline: also write `pipeline/`.
         base, revision: the base pipeline `pipeline/` is built from.
+        lora_base_sha256: for a LoRA run, component name -> hash of the base encoder (`safetext.lora.encoder_sha256`);
+            the encoders named here are peft models: each adapter is written to `{name}_lora/`, then merged into
+            its encoder (in place), and the merged plain encoder is written under the component name.
     """
     output_dir = Path(output_dir)
     if not isinstance(text_encoders, dict):
         text_encoders = {"text_encoder": text_encoders}
     if not isinstance(tokenizers, dict):
         tokenizers = {"tokenizer": tokenizers}
+    for name, base_sha256 in (lora_base_sha256 or {}).items():
+        peft_model = text_encoders[name]
+        _replace_dir(
+            output_dir / (name + ADAPTER_SUFFIX),
+            lambda d, m=peft_model, h=base_sha256, n=name: save_lora_adapter(m, d, h, n),
+        )
+        text_encoders = {**text_encoders, name: peft_model.merge_and_unload()}
     for name, text_encoder in text_encoders.items():
         _replace_dir(output_dir / name, lambda d, e=text_encoder: e.save_pretrained(d, safe_serialization=True))
     for name, tokenizer in tokenizers.items():
@@ -75,6 +87,19 @@ def _write_pipeline(directory: Path, base, revision, components: dict) -> None:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _lora_section(record: dict) -> str:
+    lora = record.get("lora")
+    if not lora:
+        return ""
+    adapters = ", ".join(f"`{folder}/`" for folder in lora["adapters"].values())
+    return f"""The encoders were trained as LoRA adapters (rank {lora["rank"]}, alpha {lora["alpha"]}) and are merged
+into the plain encoders above; the adapters themselves are in {adapters} (peft's layout). Load one onto its base
+encoder with `safetext.load_lora_adapter(base_encoder, "{{this folder}}/{next(iter(lora["adapters"].values()))}")`, which
+refuses an adapter trained on another encoder.
+
+"""
 
 
 def model_card(record: dict) -> str:
@@ -152,7 +177,7 @@ from diffusers import {family.pipeline_class}
 {pipeline_call}
 ```
 
-## Embedding metrics
+{_lora_section(record)}## Embedding metrics
 
 Measured by `safetext align` on prompts held out of training and on the training prompts.
 
