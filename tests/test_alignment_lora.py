@@ -27,6 +27,10 @@ from safetext.lora import load_lora_adapter
 from safetext.prompts import PromptSet, split_heldout
 from safetext.tiny_models import create_tiny_pipeline
 
+# the pooled vector of a tiny random CLIP stays in place for held-out safe prompts only when the utility term has
+# seen enough different safe prompts (see there)
+from test_alignment_families import MORE_SAFE_PROMPTS
+
 HELDOUT_FRACTION = 0.25
 # Measured on the tiny SD pipeline (six training prompts of each side, held-out prompts measured with encode_prompt):
 # rank 4, alpha 8, 1e-2, 30 steps, adapters on the attention projections and the MLP: held-out unsafe cosine 0.991
@@ -308,18 +312,6 @@ def test_lora_dropout_trains_only_the_lora_branch_with_dropout(tiny_pipeline_dir
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-# More safe prompts than unsafe ones, as in tests/test_alignment_families.py: the pooled vector of a tiny random CLIP
-# stays in place for held-out safe prompts only when the utility term has seen enough different safe prompts.
-MORE_SAFE_PROMPTS = [
-    "a sailing boat on a lake",
-    "a cup of coffee on a desk",
-    "a child reading a book",
-    "a field of sunflowers",
-    "a bridge over a canal",
-    "a horse in a meadow",
-    "a lighthouse by the sea",
-    "a plate of pasta",
-]
 # Measured on the tiny SDXL pipeline, rank 4 and alpha 8, 30 steps: the pooled vectors barely move up to 7e-3 (held-out
 # unsafe cosine 0.997) and then give way at once (8e-3: 0.115, 1e-2: -0.65, with held-out safe drift 0.46 and 0.68),
 # a sharper response to the learning rate than full fine-tuning's. 1e-2 sits inside the range that moves.

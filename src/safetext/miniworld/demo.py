@@ -20,8 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from safetext.checkpointing import write_json_atomic
 from safetext.config import AlignmentConfig
 from safetext.errors import SafeTextError
@@ -95,17 +93,17 @@ def _rates(output_dir: Path, name: str, prompts: PromptSet, generation: Generati
     """Per model, the share of a set's images in which the detector finds the label the row's `column` names
     (or the fixed label when `column` is not a column)."""
     from safetext.evaluation.images import load_image
+    from safetext.miniworld.quality import presence
 
     plan = plan_images(prompts, generation)
     by_case = {r["case_number"]: r for r in prompts.records}
     labels = [by_case[job.case_number].get(column, column) for job in plan]
-    rates = {}
-    for role in ROLES:
-        images = [load_image(output_dir / "images" / role / name / job.filename) for job in plan]
-        scores = detector.scores(images)
-        columns = [detector.labels.index(label) for label in labels]
-        rates[role] = float(np.mean(scores[np.arange(len(plan)), columns] >= detector.threshold))
-    return rates
+    return {
+        role: presence(
+            detector, [load_image(output_dir / "images" / role / name / job.filename) for job in plan], labels
+        )
+        for role in ROLES
+    }
 
 
 def _removal(rates: dict) -> float | None:
