@@ -270,10 +270,18 @@ def _add_miniworld(subparsers) -> None:
     p = subparsers.add_parser("miniworld", help="MiniWorld, the small text-to-image model the project trains")
     commands = p.add_subparsers(dest="miniworld_command", required=True, parser_class=_Parser)
     build = commands.add_parser("build", help="retrain MiniWorld from scratch (seeded; about an hour on 2 CPU cores)")
-    build.add_argument("--out", required=True, type=Path, help="empty or missing folder for the pipeline")
+    build.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="empty or missing folder for the pipeline; a folder holding an interrupted build's stages/ resumes it",
+    )
     build.add_argument("--quick", action="store_true", help="tiny models, a few steps per stage (a smoke test)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda (faster)")
+    build.add_argument(
+        "--keep-stages", action="store_true", help="keep the mini-CLIP and autoencoder in OUT-stages/ after the build"
+    )
     build.set_defaults(run=_run_miniworld_build)
     quality = commands.add_parser("quality", help="measure a MiniWorld build's quality gates into its model card")
     quality.add_argument("--model", default="miniworld", help="MiniWorld pipeline folder (default: the shipped one)")
@@ -294,14 +302,12 @@ def _run_miniworld_quality(args) -> int:
 def _run_miniworld_build(args) -> int:
     from safetext.miniworld.build import BuildConfig, build
 
+    _quiet_library_progress_bars()
     try:
         config = (BuildConfig.quick if args.quick else BuildConfig)(seed=args.seed, device=args.device)
-        if args.out.exists() and any(args.out.iterdir()):
-            raise ValueError(f"{args.out}: not empty; the build writes into an empty or missing folder")
+        record = build(args.out, config, keep_stages=args.keep_stages)
     except ValueError as error:
         raise SafeTextError(str(error)) from None
-    _quiet_library_progress_bars()
-    record = build(args.out, config)
     print(f"MiniWorld pipeline written to {args.out} in {record['wall_time_s']:.0f} s")
     return 0
 

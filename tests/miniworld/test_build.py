@@ -46,8 +46,9 @@ def test_mini_clip_loss_decreases_below_chance(tmp_path):
         intermediate_size=128,
         projection_dim=64,
         vision_channels=(16, 32, 64),
-        max_train_steps=40,
+        max_train_steps=60,
         train_batch_size=32,
+        num_scenes=1920,
         learning_rate=2e-3,
         lr_warmup_steps=4,
     )
@@ -186,6 +187,50 @@ def test_the_whole_build_is_reproducible(built, tmp_path):
         assert all(torch.equal(first[key], second[key]) for key in first), path
 
 
+def test_an_interrupted_build_resumes_after_its_finished_stages(built, tmp_path, capsys):
+    from safetext.miniworld.build import STAGES_DIR
+
+    # the first build kept its stages; a second one in a folder holding them reuses the mini-CLIP and the
+    # autoencoder, trains only the UNet, and ends with the same weights as a build from scratch
+    first = tmp_path / "first"
+    assert main(["--out", str(first), "--quick", "--seed", "3", "--keep-stages"]) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (tmp_path / f"first-{STAGES_DIR}").rename(resumed / STAGES_DIR)
+    assert main(["--out", str(resumed), "--quick", "--seed", "3"]) == 0
+    record = json.loads((resumed / RECORD_NAME).read_text())
+    assert record["resumed_stages"] == ["clip", "autoencoder"]
+    assert not (resumed / STAGES_DIR).exists()
+    for path in sorted(built.rglob("*.safetensors")):
+        first_weights, resumed_weights = load_file(path), load_file(resumed / path.relative_to(built))
+        assert all(torch.equal(first_weights[key], resumed_weights[key]) for key in first_weights), path
+
+
+def test_a_stage_with_other_settings_is_trained_again(tmp_path):
+    from safetext.miniworld.build import STAGES_DIR, build
+
+    build(tmp_path / "a", TINY, keep_stages=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / f"a-{STAGES_DIR}").rename(tmp_path / "b" / STAGES_DIR)
+    other = replace(TINY, autoencoder=replace(TINY.autoencoder, learning_rate=2e-3))
+    assert build(tmp_path / "b", other)["resumed_stages"] == ["clip"]
+
+
+def test_min_snr_weights_follow_the_paper():
+    from diffusers import DDPMScheduler
+
+    from safetext.miniworld.unet_training import SD_BETAS, min_snr_weights
+
+    alphas_cumprod = DDPMScheduler(**SD_BETAS).alphas_cumprod
+    timesteps = torch.tensor([0, 500, 999])
+    weights = min_snr_weights(alphas_cumprod, timesteps, gamma=5.0)
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    # early timesteps have SNR far above gamma and are weighted down to gamma / SNR; late ones keep weight 1
+    assert snr[0] > 5 and weights[0] == pytest.approx(5 / snr[0].item())
+    assert snr[2] < 5 and weights[2] == pytest.approx(1.0)
+    assert torch.all(weights <= 1.0)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_build_refuses_an_absent_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -207,8 +252,11 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
     [
         (lambda: MiniClipConfig(hidden_size=30, num_attention_heads=4), "num_attention_heads must divide"),
         (lambda: MiniClipConfig(train_batch_size=1), "train_batch_size"),
+        (lambda: MiniClipConfig(train_batch_size=64, num_scenes=32), "num_scenes must be at least"),
         (lambda: AutoencoderConfig(block_out_channels=(32, 64)), "three positive widths"),
-        (lambda: AutoencoderConfig(block_out_channels=(32, 48, 64)), "multiples of 32"),
+        (lambda: AutoencoderConfig(block_out_channels=(32, 48, 64), norm_num_groups=32), "multiples of norm_num"),
+        (lambda: UNetConfig(snr_gamma=0.0), "snr_gamma"),
+        (lambda: UNetConfig(num_scenes=0), "num_scenes"),
         (lambda: UNetConfig(caption_dropout=1.0), "caption_dropout"),
         (lambda: UNetConfig(max_train_steps=10, lr_warmup_steps=10), "lr_warmup_steps"),
         (lambda: BuildConfig(time_budget_s=0), "time_budget_s"),

@@ -9,22 +9,28 @@ a self-describing record of every stage's settings, losses and wall time. The sa
 weights on the same machine and library versions.
 
 The default recipe's models: a 4-layer `CLIPTextModel` of width 128 (7.1 M parameters, most of them the 49,408-token
-embedding; 14.3 MB in float16), an `AutoencoderKL` of widths (32, 64, 64) (0.95 M; 1.9 MB) and a
-`UNet2DConditionModel` of widths (64, 96, 128) (5.6 M; 11.2 MB): 28.9 MB with the tokenizer's files. Timed on one
-thread of a two-core machine busy with other work, a step costs about 1.0 s (mini-CLIP, 128 pairs), 1.4 s
-(autoencoder, 16 pictures) and 2.5 s (UNet, 64 pairs), so the 800 + 400 + 900 steps take about an hour.
+embedding; 14.3 MB in float16), an `AutoencoderKL` of widths (16, 32, 64) (0.68 M; 1.4 MB) and a
+`UNet2DConditionModel` of widths (64, 96, 128) (5.6 M; 11.2 MB): 28.4 MB with the tokenizer's files. On both cores
+of a two-core machine the stages took 414 s (mini-CLIP, 800 steps of 128 pairs), 850 s (autoencoder, 1,500 steps
+of 16 pictures) and 2,421 s (UNet, 1,900 steps of 64 pairs, with a test sharing the cores for part of it):
+3,689 s in all (`benchmarks/results/miniworld-build-1/build.json`).
+
+Finished stages are kept in `OUT/stages/` until the build ends, so a build that is stopped resumes after its last
+finished stage when run again on the same folder (a stage is reused only if its settings are the same).
 """
 
 import argparse
 import json
 import logging
-import tempfile
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from safetext.checkpointing import write_json_atomic
+from safetext.errors import SafeTextError
 from safetext.miniworld.autoencoder_training import AutoencoderConfig, train_autoencoder
 from safetext.miniworld.clip_training import MiniClipConfig, train_mini_clip
 from safetext.miniworld.unet_training import UNetConfig, train_unet
@@ -33,6 +39,8 @@ from safetext.provenance import device_description, git_commit, package_versions
 logger = logging.getLogger(__name__)
 
 RECORD_NAME = "build.json"
+STAGES_DIR = "stages"
+STAGE_RECORD = "stage.json"
 
 
 @dataclass
@@ -84,9 +92,14 @@ class BuildConfig:
                 max_train_steps=3,
                 train_batch_size=8,
                 lr_warmup_steps=1,
+                num_scenes=16,
             ),
             autoencoder=AutoencoderConfig(
-                block_out_channels=(32, 32, 32), max_train_steps=3, train_batch_size=4, num_scaling_images=16
+                block_out_channels=(32, 32, 32),
+                max_train_steps=3,
+                lr_warmup_steps=1,
+                train_batch_size=4,
+                num_scaling_images=16,
             ),
             unet=UNetConfig(
                 block_out_channels=(32, 32, 64),
@@ -94,6 +107,7 @@ class BuildConfig:
                 max_train_steps=3,
                 train_batch_size=4,
                 lr_warmup_steps=1,
+                num_scenes=8,
             ),
             seed=seed,
             time_budget_s=600.0,
@@ -129,46 +143,96 @@ def convert_to_half_precision(pipeline_dir: str | Path) -> list[str]:
     return rewritten
 
 
+def _check_autoencoder(stage_dir: Path) -> dict:
+    """The detector's recall on the new autoencoder's reconstructions of fresh renders: the most any UNet on it
+    can reach in the quality gates. Logged, with a warning when a label the gates measure is already under them."""
+    from safetext.miniworld.detector import MiniWorldDetector
+    from safetext.miniworld.quality import PROMPT_FOLLOWING, RESTRICTED_PRESENT, autoencoder_ceiling
+    from safetext.miniworld.world import CLASS_NAMES, DESIGNATED_CONCEPT
+
+    ceiling = autoencoder_ceiling(stage_dir, MiniWorldDetector())
+    recall = ceiling["recall_reconstructed"]
+    logger.info("autoencoder ceiling (detector recall on reconstructions): %s", recall)
+    required = {name: PROMPT_FOLLOWING for name in CLASS_NAMES} | {DESIGNATED_CONCEPT: RESTRICTED_PRESENT}
+    under = {name: value for name, value in recall.items() if name in required and value < required[name]}
+    if under:
+        logger.warning("the autoencoder's reconstructions are already under the quality gates for %s", under)
+    return ceiling
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def build(output_dir: str | Path, config: BuildConfig | None = None) -> dict:
+def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages: bool = False) -> dict:
     """Trains MiniWorld's mini-CLIP, autoencoder and UNet in order and writes the Stable Diffusion pipeline folder.
 
     Args:
-        output_dir: folder for the pipeline and `build.json`; must be empty or missing.
+        output_dir: folder for the pipeline and `build.json`; must be empty or missing, or hold only the `stages/`
+            folder of an interrupted build, whose finished stages are reused when their settings are the same.
         config: the build's settings; the shipped model's recipe by default.
+        keep_stages: move the intermediate stages to `<output_dir>-stages/` instead of deleting them, so that
+            another UNet recipe can be tried on the same mini-CLIP and autoencoder.
 
     Returns:
         The record also written as `output_dir/build.json`: the config, each stage's record (settings, losses,
         wall time), the folder's size, whether the build kept to its time budget, and provenance.
 
     Raises:
-        ValueError: if `output_dir` is a file or a non-empty folder.
+        ValueError: if `output_dir` is a file or a folder holding anything but an interrupted build's stages.
     """
     config = config or BuildConfig()
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ValueError(f"output_dir must be an empty or missing folder, got {output_dir}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir must be a folder, got the file {output_dir}")
+    if output_dir.exists() and any(p.name != STAGES_DIR for p in output_dir.iterdir()):
+        raise ValueError(
+            f"output_dir {output_dir} is not empty: the build writes into an empty or missing folder, or resumes "
+            f"one that holds only an interrupted build's {STAGES_DIR}/"
+        )
+    kept_stages_dir = output_dir.parent / f"{output_dir.name}-{STAGES_DIR}"
+    if keep_stages and kept_stages_dir.exists():
+        raise ValueError(f"keep_stages would move the stages to {kept_stages_dir}, which already exists")
     start = time.time()
     clip_config = replace(config.clip, seed=config.seed)
     autoencoder_config = replace(config.autoencoder, seed=config.seed + 1)
     unet_config = replace(config.unet, seed=config.seed + 2)
 
-    stages = {}
-    # the first two stages' outputs are intermediate: the UNet stage copies them into the pipeline folder
-    with tempfile.TemporaryDirectory(prefix="miniworld-build-") as scratch:
-        scratch = Path(scratch)
-        logger.info("stage 1/3: mini-CLIP")
-        stages["clip"] = train_mini_clip(clip_config, scratch / "clip", config.device)
-        logger.info("stage 2/3: autoencoder")
-        stages["autoencoder"] = train_autoencoder(autoencoder_config, scratch / "autoencoder", config.device)
-        logger.info("stage 3/3: UNet")
-        stages["unet"] = train_unet(unet_config, scratch / "clip", scratch / "autoencoder", output_dir, config.device)
+    # the first two stages' outputs are intermediate (the UNet stage copies them into the pipeline folder); they
+    # are kept in OUT/stages/ with their records until the build ends, so an interrupted build resumes after the
+    # last finished stage, which it reuses only if its settings are the same
+    stages_dir = output_dir / STAGES_DIR
+    stages, resumed = {}, []
+    for name, train, stage_config in (
+        ("clip", train_mini_clip, clip_config),
+        ("autoencoder", train_autoencoder, autoencoder_config),
+    ):
+        record_path = stages_dir / name / STAGE_RECORD
+        if record_path.is_file() and json.loads(record_path.read_text())["config"] == json.loads(
+            json.dumps(asdict(stage_config))
+        ):
+            logger.info("stage %s: reusing the finished stage in %s", name, record_path.parent)
+            stages[name] = json.loads(record_path.read_text())
+            resumed.append(name)
+            continue
+        logger.info("stage %s", name)
+        shutil.rmtree(stages_dir / name, ignore_errors=True)
+        stages[name] = train(stage_config, stages_dir / name, config.device)
+        if name == "autoencoder":
+            stages[name]["ceiling"] = _check_autoencoder(stages_dir / name)
+        write_json_atomic(record_path, stages[name])
+    logger.info("stage unet")
+    stages["unet"] = train_unet(
+        unet_config, stages_dir / "clip", stages_dir / "autoencoder", output_dir, config.device
+    )
+    if keep_stages:
+        stages_dir.rename(kept_stages_dir)
+    else:
+        shutil.rmtree(stages_dir)
     half_precision_files = convert_to_half_precision(output_dir) if config.half_precision else []
 
-    wall_time_s = round(time.time() - start, 1)
+    # a resumed build counts the reused stages' time, so that the figure is what the whole recipe cost
+    wall_time_s = round(time.time() - start + sum(stages[name]["wall_time_s"] for name in resumed), 1)
     if wall_time_s > config.time_budget_s:
         logger.warning("the build took %.0f s, over its budget of %.0f s", wall_time_s, config.time_budget_s)
     record = {
@@ -178,6 +242,7 @@ def build(output_dir: str | Path, config: BuildConfig | None = None) -> dict:
         "size_bytes": _folder_bytes(output_dir),
         "wall_time_s": wall_time_s,
         "within_time_budget": wall_time_s <= config.time_budget_s,
+        "resumed_stages": resumed,
         "provenance": {
             "versions": package_versions(),
             "git_commit": git_commit(),
@@ -196,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps per stage (a smoke test)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole build")
     parser.add_argument("--device", default="cpu", help="where to train: cpu (the reference) or cuda (faster)")
+    parser.add_argument(
+        "--keep-stages", action="store_true", help="keep the mini-CLIP and autoencoder in OUT-stages/ after the build"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -204,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             config = BuildConfig.quick(seed=args.seed, device=args.device)
         else:
             config = BuildConfig(seed=args.seed, device=args.device)
-        record = build(out, config)
-    except ValueError as error:
+        record = build(out, config, keep_stages=args.keep_stages)
+    except (ValueError, SafeTextError) as error:
         parser.exit(2, f"error: {error}\n")
     summary = {name: stage["final_loss"] for name, stage in record["stages"].items()}
     print(json.dumps({"output_dir": str(out), "final_losses": summary, "wall_time_s": record["wall_time_s"]}))

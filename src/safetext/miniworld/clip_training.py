@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 from tqdm.auto import tqdm
 
 from safetext.miniworld.captions import caption
 from safetext.miniworld.renderer import render
-from safetext.miniworld.scenes import sample_scene
+from safetext.miniworld.scenes import epoch_order, sample_scene
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,13 @@ class MiniClipConfig:
         vision_channels: widths of the vision tower's conv blocks (each halves the resolution after the first).
         max_train_steps: optimisation steps; each draws a fresh batch of scenes.
         train_batch_size: (picture, caption) pairs per step, also the number of negatives per pair plus one.
+        num_scenes: scenes in the pool of pictures, rendered once (rendering costs half a CPU step); each is used
+            about `max_train_steps * train_batch_size / num_scenes` times, with a fresh caption every time.
         learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
         lr_warmup_steps: steps of linear warm-up.
         weight_decay: AdamW weight decay.
         seed: seed of the scenes, captions and initialisation.
-        num_threads: torch CPU threads. One by default: on a shared two-core machine a second thread spends more
-            time waiting for a busy core than it saves (set 2 on two idle cores).
+        num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
 
     hidden_size: int = 128
@@ -60,11 +62,12 @@ class MiniClipConfig:
     vision_channels: tuple[int, ...] = (32, 64, 128, 128)
     max_train_steps: int = 800
     train_batch_size: int = 128
+    num_scenes: int = 25_600
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 50
     weight_decay: float = 0.1
     seed: int = 0
-    num_threads: int = 1
+    num_threads: int = 2
 
     def __post_init__(self):
         for name in (
@@ -74,6 +77,7 @@ class MiniClipConfig:
             "intermediate_size",
             "projection_dim",
             "max_train_steps",
+            "num_scenes",
             "num_threads",
         ):
             if getattr(self, name) < 1:
@@ -84,6 +88,11 @@ class MiniClipConfig:
             )
         if self.train_batch_size < 2:
             raise ValueError(f"train_batch_size must be at least 2 (a contrastive batch), got {self.train_batch_size}")
+        if self.num_scenes < self.train_batch_size:
+            raise ValueError(
+                f"num_scenes must be at least train_batch_size={self.train_batch_size}, so that no batch holds one "
+                f"picture twice; got {self.num_scenes}"
+            )
         if not self.vision_channels or min(self.vision_channels) < 1:
             raise ValueError(f"vision_channels must be positive widths, got {self.vision_channels}")
         if self.learning_rate <= 0:
@@ -169,20 +178,6 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logi
     }
 
 
-def _sample_pairs(rng: random.Random, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-    scenes = [sample_scene(rng) for _ in range(batch_size)]
-    images = np.stack([np.asarray(render(scene)) for scene in scenes])
-    pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    # every surface-form group: the base model must know held-out and indirect forms for alignment to be tested
-    return pixel_values, [caption(scene, rng) for scene in scenes]
-
-
-def _cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
 def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str = "cpu") -> dict:
     """Trains the mini-CLIP on fresh (render, caption) pairs and writes its text side.
 
@@ -225,16 +220,23 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _cosine_with_warmup(step, config.lr_warmup_steps, config.max_train_steps)
-    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.lr_warmup_steps, config.max_train_steps)
+
+    pool_start = time.time()
+    scenes = [sample_scene(rng) for _ in range(config.num_scenes)]
+    pool = np.stack([np.asarray(render(scene)) for scene in scenes])
+    pool_seconds = time.time() - pool_start
+    order = epoch_order(rng, config.num_scenes, config.max_train_steps * config.train_batch_size)
 
     modules.train()
     losses = []
     loop_start = time.time()
     progress = tqdm(range(config.max_train_steps), desc="mini-CLIP", disable=None)
-    for _ in progress:
-        pixel_values, captions = _sample_pairs(rng, config.train_batch_size)
+    for step in progress:
+        indices = order[step * config.train_batch_size : (step + 1) * config.train_batch_size]
+        pixel_values = torch.from_numpy(pool[indices]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        # every surface-form group: the base model must know held-out and indirect forms for alignment to be tested
+        captions = [caption(scenes[i], rng) for i in indices]
         # padding to the longest caption, not to 77, is exact here: the causal mask hides later positions from the
         # EOS token whose state is pooled, and it saves most of the text tower's compute
         input_ids = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt").input_ids
@@ -266,5 +268,7 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
         "losses": losses,
         "logit_scale": logit_scale.exp().item(),
         "seconds_per_step": loop_seconds / config.max_train_steps,
+        "pool_seconds": round(pool_seconds, 1),
+        "uses_per_scene": config.max_train_steps * config.train_batch_size / config.num_scenes,
         "wall_time_s": round(time.time() - start, 1),
     }

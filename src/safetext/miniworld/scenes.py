@@ -207,3 +207,14 @@ def sample_scene(rng: random.Random, distribution: SceneDistribution | None = No
                 break
         objects = (first, second)
     return Scene(background=background, objects=objects, seed=rng.getrandbits(31))
+
+
+def epoch_order(rng: random.Random, pool_size: int, num_samples: int) -> list[int]:
+    """Indices into a pool of `pool_size` scenes for `num_samples` draws: one shuffled pass after another, so that
+    every scene is used equally often and no batch cut from a pass holds one scene twice."""
+    order = []
+    while len(order) < num_samples:
+        one_pass = list(range(pool_size))
+        rng.shuffle(one_pass)
+        order += one_pass
+    return order[:num_samples]
