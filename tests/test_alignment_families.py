@@ -23,6 +23,7 @@ from safetext.families import FAMILIES
 from safetext.generation import load_pipeline
 from safetext.prompts import PromptSet, split_heldout
 from safetext.tiny_models import create_tiny_pipeline
+from test_alignment import generate
 
 # More safe prompts than unsafe ones: the pooled vector of a tiny random CLIP is one end-of-text feature, and held-out
 # safe prompts stay near theirs only when the utility term has seen enough different safe prompts.
@@ -136,18 +137,6 @@ def relative_moves(before: torch.Tensor, after: torch.Tensor) -> tuple[float, fl
     return cosine, drift
 
 
-def draw(pipeline) -> np.ndarray:
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline(
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
-
-
 def test_record_names_the_family_and_the_trained_encoders(family_run):
     record = family_run.record
     assert record["model"]["family"] == family_run.family and record["model"]["kind"] == "pipeline"
@@ -214,7 +203,7 @@ def test_exported_pipeline_opens_in_its_class_and_draws(family_run):
         assert all(torch.equal(state[key], aligned[key]) for key in aligned), name
         base = load_file(family_run.base / name / "model.safetensors")
         assert any(not torch.equal(base[key], aligned[key]) for key in aligned), name
-    images = draw(pipeline)
+    images = generate(pipeline)
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
@@ -231,7 +220,7 @@ def test_aligned_folder_opens_with_every_aligned_encoder_swapped_in(family_run, 
         aligned = load_file(folder / name / "model.safetensors")
         state = getattr(pipeline, name).state_dict()
         assert all(torch.equal(state[key], aligned[key]) for key in aligned), name
-    images = draw(pipeline)
+    images = generate(pipeline)
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 

@@ -29,6 +29,7 @@ from safetext.tiny_models import create_tiny_pipeline
 
 # the pooled vector of a tiny random CLIP stays in place for held-out safe prompts only when the utility term has
 # seen enough different safe prompts (see there)
+from test_alignment import generate
 from test_alignment_families import MORE_SAFE_PROMPTS
 
 HELDOUT_FRACTION = 0.25
@@ -180,16 +181,7 @@ def test_only_the_targeted_weights_change_and_merged_equals_base_plus_adapter(lo
 
 
 def test_exported_lora_pipeline_generates(lora_run):
-    pipeline = DiffusionPipeline.from_pretrained(lora_run.output_dir / "pipeline")
-    pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    images = generate(DiffusionPipeline.from_pretrained(lora_run.output_dir / "pipeline"))
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
@@ -370,14 +362,7 @@ def test_sdxl_lora_trains_both_clip_encoders(prompt_lists, tmp_path):
     assert held["unsafe_cosine"]["after"] == pytest.approx(moves["unsafe"][0], abs=1e-4)
     assert moves["unsafe"][0] < 0.96
     assert moves["safe"][1] < 0.7 * moves["unsafe"][1]
-    images = pipelines["after"](
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    images = generate(pipelines["after"])
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
