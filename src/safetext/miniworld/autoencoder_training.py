@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
-from safetext.miniworld.renderer import render
+from safetext.miniworld.renderer import render, to_pixel_values
 from safetext.miniworld.scenes import sample_scene
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class AutoencoderConfig:
 
 def _sample_pictures(rng: random.Random, batch_size: int) -> torch.Tensor:
     images = np.stack([np.asarray(render(sample_scene(rng))) for _ in range(batch_size)])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return to_pixel_values(images)
 
 
 def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path, device: str = "cpu") -> dict:

@@ -208,11 +208,11 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
         ("autoencoder", train_autoencoder, autoencoder_config),
     ):
         record_path = stages_dir / name / STAGE_RECORD
-        if record_path.is_file() and json.loads(record_path.read_text())["config"] == json.loads(
-            json.dumps(asdict(stage_config))
-        ):
+        finished = json.loads(record_path.read_text()) if record_path.is_file() else None
+        # compared as JSON, where the record's tuples are lists
+        if finished is not None and finished["config"] == json.loads(json.dumps(asdict(stage_config))):
             logger.info("stage %s: reusing the finished stage in %s", name, record_path.parent)
-            stages[name] = json.loads(record_path.read_text())
+            stages[name] = finished
             resumed.append(name)
             continue
         logger.info("stage %s", name)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safetext.miniworld.captions import caption
-from safetext.miniworld.renderer import render
+from safetext.miniworld.renderer import render, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
     progress = tqdm(range(config.max_train_steps), desc="mini-CLIP", disable=None)
     for step in progress:
         indices = order[step * config.train_batch_size : (step + 1) * config.train_batch_size]
-        pixel_values = torch.from_numpy(pool[indices]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        pixel_values = to_pixel_values(pool[indices])
         # every surface-form group: the base model must know held-out and indirect forms for alignment to be tested
         captions = [caption(scenes[i], rng) for i in indices]
         # padding to the longest caption, not to 77, is exact here: the causal mask hides later positions from the

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 import safetext
 from safetext.evaluation.detectors import Detection
-from safetext.miniworld.renderer import IMAGE_SIZE, render
+from safetext.miniworld.renderer import IMAGE_SIZE, render, to_pixel_values
 from safetext.miniworld.scenes import SceneDistribution, sample_scene
 from safetext.miniworld.world import ATTRIBUTE_NAMES, CLASS_NAMES, RESTRICTED_CONCEPTS
 from safetext.provenance import device_description, git_commit, package_versions, peak_memory_bytes
@@ -109,10 +109,6 @@ def render_labelled(
         for name in scene.object_classes() | scene.attributes():
             targets[i, LABELS.index(name)] = 1.0
     return images, targets
-
-
-def _to_pixel_values(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _augment(pixel_values: torch.Tensor, noise_bank: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -224,7 +220,7 @@ def train_detector(config: TrainDetectorConfig | None = None) -> dict:
         running = 0.0
         for step in range(steps_per_epoch):
             batch = order[step * config.train_batch_size : (step + 1) * config.train_batch_size]
-            pixel_values = _augment(_to_pixel_values(images[batch].numpy()), noise_bank, generator)
+            pixel_values = _augment(to_pixel_values(images[batch].numpy()), noise_bank, generator)
             loss = F.binary_cross_entropy_with_logits(model(pixel_values), targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -333,7 +329,7 @@ class MiniWorldDetector:
                 [np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)) for image in images]
             )
         probabilities = [
-            torch.sigmoid(self.model(_to_pixel_values(array[i : i + 256]))) for i in range(0, len(array), 256)
+            torch.sigmoid(self.model(to_pixel_values(array[i : i + 256]))) for i in range(0, len(array), 256)
         ]
         return torch.cat(probabilities).numpy() if probabilities else np.zeros((0, len(self.labels)), np.float32)
 

@@ -114,11 +114,12 @@ def autoencoder_ceiling(model_dir: str | Path, detector: MiniWorldDetector, num_
     from diffusers import AutoencoderKL
 
     from safetext.miniworld.detector import render_labelled
+    from safetext.miniworld.renderer import to_pixel_values
     from safetext.miniworld.scenes import SceneDistribution
 
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True).float().eval()
     images, targets = render_labelled(num_images, seed, SceneDistribution())
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    pixels = to_pixel_values(images)
     decoded = torch.cat(
         [vae.decode(vae.encode(pixels[i : i + 50]).latent_dist.mean).sample for i in range(0, num_images, 50)]
     )

@@ -367,3 +367,10 @@ def render(scene: Scene) -> Image.Image:
             cy = float(np.clip(cy, copy_extent / 2 + 1 + above, IMAGE_SIZE - 1 - copy_extent / 2))
             _composite(canvas, *_render_copy(obj, rgb, cx, cy, copy_extent, rng))
     return Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
+
+
+def to_pixel_values(images: np.ndarray) -> "torch.Tensor":  # noqa: F821 (torch is imported only when called)
+    """(N, 64, 64, 3) uint8 renders -> (N, 3, 64, 64) float pixel values in [-1, 1], the range SD's models take."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

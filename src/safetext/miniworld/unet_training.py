@@ -28,7 +28,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
 from safetext.miniworld.captions import caption
-from safetext.miniworld.renderer import render
+from safetext.miniworld.renderer import render, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _encode_pool(vae, scenes: list, device: str, batch_size: int = 64) -> tuple[
     means, stds = [], []
     for start in range(0, len(scenes), batch_size):
         images = np.stack([np.asarray(render(scene)) for scene in scenes[start : start + batch_size]])
-        pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        pixel_values = to_pixel_values(images)
         posterior = vae.encode(pixel_values.to(device)).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
