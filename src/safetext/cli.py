@@ -122,6 +122,11 @@ def _set_name(path: str, taken: set) -> str:
     return candidate
 
 
+def _comma_list(value: str | None) -> list[str] | None:
+    """A flag's comma-separated names as a list (None when the flag was not given)."""
+    return None if value is None else [name.strip() for name in value.split(",")]
+
+
 def _run_align(args) -> int:
     from safetext.alignment import align
     from safetext.config import AlignmentConfig
@@ -137,15 +142,11 @@ def _run_align(args) -> int:
             effectiveness_positions=args.effectiveness_positions,
             distance_scale=args.distance_scale,
             pooled_weight=args.pooled_weight,
-            train_encoders=[n.strip() for n in args.train_encoders.split(",")]
-            if args.train_encoders is not None
-            else None,
+            train_encoders=_comma_list(args.train_encoders),
             lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
-            lora_target_modules=[n.strip() for n in args.lora_target_modules.split(",")]
-            if args.lora_target_modules is not None
-            else None,
+            lora_target_modules=_comma_list(args.lora_target_modules),
             gradient_checkpointing=args.gradient_checkpointing,
             learning_rate=args.learning_rate,
             num_train_epochs=args.epochs,
