@@ -65,6 +65,9 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
         f"({build['provenance']['num_threads']} thread(s)); folder size {build['size_bytes'] / 1e6:.1f} MB; "
         f"seed {build['config']['seed']}. The full record is `build.json`.",
         "",
+        f"The recipe's time budget is {build['config']['time_budget_s']:.0f} s; this build "
+        + ("kept to it." if build["within_time_budget"] else "went over it."),
+        "",
         "## Quality gates",
         "",
     ]

@@ -61,7 +61,7 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (64, 96, 128)
     layers_per_block: int = 1
     attention_head_dim: int = 8
-    max_train_steps: int = 1900
+    max_train_steps: int = 4000
     train_batch_size: int = 64
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 100
