@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.safetext-installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo demo-tiny clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,12 +38,17 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
 
-# MiniWorld's weights do not ship yet (its first full build fails its quality gates), so the demo aligns a tiny
-# random SD-shaped pipeline on the public prompt sets; with a MiniWorld folder of your own, run
-# `safetext demo --model DIR --out demo-output` for SafeText end to end on images.
+# SafeText end to end on MiniWorld, the small text-to-image model that ships inside the package: align its text
+# encoder against the restricted concept `striped`, draw with the original and the aligned model, evaluate, and
+# write demo-output/results.json and demo-output/report.html (about 5 minutes on 2 CPU cores).
+demo: $(STAMP)
+	$(VENV)/bin/safetext demo --out demo-output
+
+# The same alignment on real public prompt sets (I2P's sexual category against COCO captions), on a tiny random
+# SD-shaped pipeline: it exercises the real data path, not image quality.
 DATA_DIR ?= $(or $(SAFETEXT_DATA_DIR),../shared/data/prompts)
 
-demo: $(STAMP)
+demo-tiny: $(STAMP)
 	$(VENV)/bin/safetext tiny-model --family sd --out demo-output/tiny-sd --overwrite
 	$(VENV)/bin/safetext align --model demo-output/tiny-sd --overwrite --out demo-output/aligned \
 		--unsafe $(DATA_DIR)/i2p.csv --unsafe-category sexual --max-prompts 200 \
