@@ -270,7 +270,9 @@ def _run_generate(args) -> int:
 def _add_miniworld(subparsers) -> None:
     p = subparsers.add_parser("miniworld", help="MiniWorld, the small text-to-image model the project trains")
     commands = p.add_subparsers(dest="miniworld_command", required=True, parser_class=_Parser)
-    build = commands.add_parser("build", help="retrain MiniWorld from scratch (seeded; about 100 minutes on 2 CPU cores)")
+    build = commands.add_parser(
+        "build", help="retrain MiniWorld from scratch (seeded; about 100 minutes on 2 CPU cores)"
+    )
     build.add_argument(
         "--out",
         required=True,
