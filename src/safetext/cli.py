@@ -290,6 +290,7 @@ def _add_miniworld(subparsers) -> None:
     quality.add_argument("--model", default="miniworld", help="MiniWorld pipeline folder (default: the shipped one)")
     quality.add_argument("--steps", type=int, default=50, help="denoising steps (the pipeline's default, 50)")
     quality.add_argument("--per-class", type=int, default=20, help="single-object prompts per object class")
+    quality.add_argument("--device", default="cpu", help="where the pipeline draws: cpu or cuda")
     quality.set_defaults(run=_run_miniworld_quality)
 
 
@@ -299,7 +300,18 @@ def _run_miniworld_quality(args) -> int:
 
     folder = resolve_model_name(args.model)
     _quiet_library_progress_bars()
-    return quality_main(["--model", str(folder), "--steps", str(args.steps), "--per-class", str(args.per_class)])
+    return quality_main(
+        [
+            "--model",
+            str(folder),
+            "--steps",
+            str(args.steps),
+            "--per-class",
+            str(args.per_class),
+            "--device",
+            args.device,
+        ]
+    )
 
 
 def _run_miniworld_build(args) -> int:

@@ -100,6 +100,7 @@ class BuildConfig:
                 max_train_steps=3,
                 lr_warmup_steps=1,
                 train_batch_size=4,
+                num_pictures=8,
                 num_scaling_images=16,
             ),
             unet=UNetConfig(

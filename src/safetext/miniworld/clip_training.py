@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safetext.miniworld.captions import caption
-from safetext.miniworld.renderer import render, to_pixel_values
+from safetext.miniworld.progress import log_progress
+from safetext.miniworld.renderer import render_many, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class MiniClipConfig:
         vision_channels: widths of the vision tower's conv blocks (each halves the resolution after the first).
         max_train_steps: optimisation steps; each draws a fresh batch of scenes.
         train_batch_size: (picture, caption) pairs per step, also the number of negatives per pair plus one.
-        num_scenes: scenes in the pool of pictures, rendered once (rendering costs half a CPU step); each is used
+        num_scenes: scenes in the pool of pictures, rendered once (in worker processes; rendering costs half a CPU step); each is used
             about `max_train_steps * train_batch_size / num_scenes` times, with a fresh caption every time.
         learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
         lr_warmup_steps: steps of linear warm-up.
@@ -60,11 +61,11 @@ class MiniClipConfig:
     intermediate_size: int = 512
     projection_dim: int = 128
     vision_channels: tuple[int, ...] = (32, 64, 128, 128)
-    max_train_steps: int = 800
-    train_batch_size: int = 128
-    num_scenes: int = 25_600
+    max_train_steps: int = 2000
+    train_batch_size: int = 256
+    num_scenes: int = 51_200
     learning_rate: float = 1e-3
-    lr_warmup_steps: int = 50
+    lr_warmup_steps: int = 100
     weight_decay: float = 0.1
     seed: int = 0
     num_threads: int = 2
@@ -224,7 +225,7 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
 
     pool_start = time.time()
     scenes = [sample_scene(rng) for _ in range(config.num_scenes)]
-    pool = np.stack([np.asarray(render(scene)) for scene in scenes])
+    pool = render_many(scenes)
     pool_seconds = time.time() - pool_start
     order = epoch_order(rng, config.num_scenes, config.max_train_steps * config.train_batch_size)
 
@@ -251,6 +252,7 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
             logit_scale.clamp_(0, math.log(100))
         losses.append(terms["loss"].item())
         progress.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{logit_scale.exp().item():.1f}")
+        log_progress("mini-CLIP", step, config.max_train_steps, losses, loop_start)
 
     loop_seconds = time.time() - loop_start
     text_encoder.eval()

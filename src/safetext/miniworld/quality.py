@@ -142,9 +142,16 @@ def _gate(name: str, value: float, required: float) -> dict:
 
 
 def measure_quality(
-    model_dir: str | Path, num_inference_steps: int = 50, per_class: int = 20, detector_images: int = 2000
+    model_dir: str | Path,
+    num_inference_steps: int = 50,
+    per_class: int = 20,
+    detector_images: int = 2000,
+    device: str = "cpu",
 ) -> dict:
-    """Measures every gate on the pipeline in `model_dir` and returns the record (see the module docstring)."""
+    """Measures every gate on the pipeline in `model_dir` and returns the record (see the module docstring).
+
+    The pipeline draws on `device`; each image's starting noise comes from a CPU generator seeded by its prompt,
+    so a GPU draws the same prompts from the same noise (its arithmetic differs slightly from a CPU's)."""
     from diffusers import StableDiffusionPipeline
 
     start = time.time()
@@ -156,6 +163,7 @@ def measure_quality(
     ]
 
     pipeline = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, safety_checker=None)
+    pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     single = single_object_prompts(per_class)
     images = draw(pipeline, single, num_inference_steps)
@@ -191,6 +199,7 @@ def measure_quality(
             "single_object_prompts_per_class": per_class,
             "detector_images": detector_images,
             "detector": detector.settings(),
+            "device": device,
         },
         "gates": gates,
         "all_passed": all(g["passed"] for g in gates),
@@ -211,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(MODEL_DIR), help="MiniWorld pipeline folder (the shipped one)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (the pipeline's default, 50)")
     parser.add_argument("--per-class", type=int, default=20, help="single-object prompts per object class")
+    parser.add_argument("--device", default="cpu", help="where the pipeline draws: cpu or cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = Path(args.model)
     if not (model_dir / "model_index.json").is_file() or not (model_dir / "build.json").is_file():
         print(f"error: {model_dir} is not a MiniWorld pipeline folder (model_index.json, build.json)", file=sys.stderr)
         return 2
-    record = measure_quality(model_dir, args.steps, args.per_class)
+    record = measure_quality(model_dir, args.steps, args.per_class, device=args.device)
     write_json_atomic(model_dir / QUALITY_FILE, record)
     write_model_card(model_dir)
     for gate in record["gates"]:

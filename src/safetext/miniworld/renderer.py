@@ -7,6 +7,8 @@ top. Every detail that a caption does not state comes from `numpy.random.default
 """
 
 import math
+import multiprocessing
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -367,6 +369,36 @@ def render(scene: Scene) -> Image.Image:
             cy = float(np.clip(cy, copy_extent / 2 + 1 + above, IMAGE_SIZE - 1 - copy_extent / 2))
             _composite(canvas, *_render_copy(obj, rgb, cx, cy, copy_extent, rng))
     return Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
+
+
+def _render_array(scene: Scene) -> np.ndarray:
+    return np.asarray(render(scene))
+
+
+def render_many(scenes: list[Scene], num_workers: int | None = None) -> np.ndarray:
+    """Draws many scenes, in worker processes when there are several cores; the pixels are the same however many
+    workers draw them, since each picture depends on its scene alone.
+
+    Args:
+        scenes: what to draw.
+        num_workers: processes to draw with; one draws in this process. Defaults to the cores this process may
+            use (rendering is pure Python and numpy, so threads would not run in parallel).
+
+    Returns:
+        A (N, 64, 64, 3) uint8 array, in the order of `scenes`.
+    """
+    if num_workers is None:
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    num_workers = max(1, min(num_workers, len(scenes) // 64))
+    if num_workers == 1:
+        arrays = [_render_array(scene) for scene in scenes]
+    else:
+        # fork, as torch's DataLoader on Linux: the workers run numpy and PIL only, never torch's thread pool or CUDA,
+        # and unlike spawn it needs no importable __main__ (a notebook, a script without a main guard)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(num_workers) as pool:
+            arrays = pool.map(_render_array, scenes, chunksize=max(1, min(256, len(scenes) // (4 * num_workers))))
+    return np.stack(arrays) if arrays else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
 
 def to_pixel_values(images: np.ndarray) -> "torch.Tensor":  # noqa: F821 (torch is imported only when called)

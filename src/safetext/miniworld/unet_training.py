@@ -28,7 +28,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
 from safetext.miniworld.captions import caption
-from safetext.miniworld.renderer import render, to_pixel_values
+from safetext.miniworld.progress import log_progress
+from safetext.miniworld.renderer import render_many, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,12 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (64, 96, 128)
     layers_per_block: int = 1
     attention_head_dim: int = 8
-    max_train_steps: int = 4000
-    train_batch_size: int = 64
+    max_train_steps: int = 6000
+    train_batch_size: int = 128
     learning_rate: float = 1e-3
-    lr_warmup_steps: int = 100
+    lr_warmup_steps: int = 200
     caption_dropout: float = 0.1
-    num_scenes: int = 24_000
+    num_scenes: int = 64_000
     snr_gamma: float | None = 5.0
     seed: int = 0
     num_threads: int = 2
@@ -103,9 +104,9 @@ class UNetConfig:
 def _encode_pool(vae, scenes: list, device: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Renders the scenes and returns their latent posteriors' means and standard deviations (on the CPU)."""
     means, stds = [], []
+    pictures = render_many(scenes)
     for start in range(0, len(scenes), batch_size):
-        images = np.stack([np.asarray(render(scene)) for scene in scenes[start : start + batch_size]])
-        pixel_values = to_pixel_values(images)
+        pixel_values = to_pixel_values(pictures[start : start + batch_size])
         posterior = vae.encode(pixel_values.to(device)).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
@@ -218,6 +219,7 @@ def train_unet(
         scheduler.step()
         losses.append(loss.item())
         progress.set_postfix(loss=f"{loss.item():.4f}")
+        log_progress("unet", step, config.max_train_steps, losses, loop_start)
 
     loop_seconds = time.time() - loop_start
     unet.eval()
