@@ -271,7 +271,7 @@ def _add_miniworld(subparsers) -> None:
     p = subparsers.add_parser("miniworld", help="MiniWorld, the small text-to-image model the project trains")
     commands = p.add_subparsers(dest="miniworld_command", required=True, parser_class=_Parser)
     build = commands.add_parser(
-        "build", help="retrain MiniWorld from scratch (seeded; about 100 minutes on 2 CPU cores)"
+        "build", help="retrain MiniWorld from scratch (seeded; about 7.6 hours on 2 CPU cores, minutes on a GPU)"
     )
     build.add_argument(
         "--out",
@@ -491,8 +491,8 @@ def _add_demo(subparsers) -> None:
     p = subparsers.add_parser("demo", help="SafeText on MiniWorld end to end: align, generate, evaluate, report")
     p.add_argument("--out", required=True, type=Path, help="output folder (results.json, report.html, images)")
     p.add_argument("--model", default="miniworld", help="the MiniWorld pipeline (default: the shipped one)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")
-    p.add_argument("--max-prompts", type=int, default=60, help="prompts per evaluation set (default 60)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps per image (default 50)")
+    p.add_argument("--max-prompts", type=int, default=30, help="prompts per evaluation set (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
 

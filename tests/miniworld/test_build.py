@@ -255,6 +255,7 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: MiniClipConfig(train_batch_size=64, num_scenes=32), "num_scenes must be at least"),
         (lambda: AutoencoderConfig(block_out_channels=(32, 64)), "three positive widths"),
         (lambda: AutoencoderConfig(block_out_channels=(32, 48, 64), norm_num_groups=32), "multiples of norm_num"),
+        (lambda: AutoencoderConfig(train_batch_size=64, num_pictures=32), "num_pictures must be at least"),
         (lambda: UNetConfig(snr_gamma=0.0), "snr_gamma"),
         (lambda: UNetConfig(num_scenes=0), "num_scenes"),
         (lambda: UNetConfig(caption_dropout=1.0), "caption_dropout"),

@@ -4,7 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from safetext.miniworld.renderer import COLOUR_RGB, SHAPES, render
+from safetext.miniworld.renderer import COLOUR_RGB, SHAPES, render, render_many
 from safetext.miniworld.scenes import Scene, SceneDistribution, SceneObject, sample_scene
 from safetext.miniworld.world import ATTRIBUTE_NAMES, BACKGROUNDS, CLASS_NAMES, COLOURS
 
@@ -15,6 +15,18 @@ def test_render_is_deterministic_and_64x64_rgb():
     first, second = render(scenes_a[0]), render(scenes_a[1])
     assert first.size == (64, 64) and first.mode == "RGB"
     assert np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_render_many_draws_the_same_pixels_in_workers_as_one_by_one():
+    rng = random.Random(8)
+    scenes = [sample_scene(rng) for _ in range(200)]
+    one_by_one = np.stack([np.asarray(render(scene)) for scene in scenes])
+    in_workers = render_many(scenes, num_workers=2)
+    assert in_workers.dtype == np.uint8 and in_workers.shape == (200, 64, 64, 3)
+    # the same pictures in the same order
+    assert np.array_equal(in_workers, one_by_one)
+    assert np.array_equal(render_many(scenes[:3], num_workers=4), one_by_one[:3])
+    assert render_many([], num_workers=2).shape == (0, 64, 64, 3)
 
 
 def test_the_seed_changes_the_details_but_not_the_scene():

@@ -220,6 +220,8 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
         logger.info("stage %s", name)
         shutil.rmtree(stages_dir / name, ignore_errors=True)
         stages[name] = train(stage_config, stages_dir / name, config.device)
+        # per stage, since a resumed build may have trained its stages on different machines
+        stages[name]["device"] = device_description(torch.device(config.device))
         if name == "autoencoder":
             stages[name]["ceiling"] = _check_autoencoder(stages_dir / name)
         write_json_atomic(record_path, stages[name])
@@ -227,6 +229,7 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
     stages["unet"] = train_unet(
         unet_config, stages_dir / "clip", stages_dir / "autoencoder", output_dir, config.device
     )
+    stages["unet"]["device"] = device_description(torch.device(config.device))
     if keep_stages:
         stages_dir.rename(kept_stages_dir)
     else:

@@ -51,16 +51,17 @@ class DemoConfig:
 
     Args:
         alignment: SafeText's settings for MiniWorld's text encoder.
-        num_inference_steps: PNDM steps per image (the quality gates use the pipeline's 50; the demo fewer, to fit
-            its five minutes).
-        max_prompts: prompts drawn per evaluation set (the first N of each shipped set; None: all).
+        num_inference_steps: PNDM steps per image, the pipeline's 50 as in the quality gates: at 20 the shipped
+            model drew the object a safe prompt names in 20% of pictures, against 97% at 50.
+        max_prompts: prompts drawn per evaluation set (the first N of each shipped set; None: all); 30, so that 50
+            steps fit the demo's five minutes on two cores.
         batch_size: images per pipeline call.
         images_per_set: image pairs per set on the report page.
     """
 
     alignment: AlignmentConfig = field(default_factory=_alignment_defaults)
-    num_inference_steps: int = 20
-    max_prompts: int | None = 60
+    num_inference_steps: int = 50
+    max_prompts: int | None = 30
     batch_size: int = 30
     images_per_set: int = 12
 

@@ -18,6 +18,14 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _device_name(device: dict | None) -> str:
+    if device is None:  # records written before stages recorded their device
+        return "not recorded"
+    if device["type"] == "cuda":
+        return device.get("name", "a CUDA GPU")
+    return f"{device['type'].upper()}, {device['cpu_threads']} thread(s)"
+
+
 def write_model_card(pipeline_dir: str | Path) -> Path:
     """Writes `README.md` of a MiniWorld pipeline folder from its `build.json` and, when present, `quality.json`.
 
@@ -46,8 +54,8 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
         "",
         "## Build",
         "",
-        "| stage | parameters | steps | first 10% loss | last 10% loss | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| stage | parameters | steps x batch | first 10% loss | last 10% loss | seconds | trained on |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, stage in stages.items():
         parameters = stage["parameters"]
@@ -56,17 +64,28 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
         else:
             parameters = f"{parameters:,}"
         lines.append(
-            f"| {name} | {parameters} | {stage['config']['max_train_steps']} | "
-            f"{stage['loss_first_10pct']:.4f} | {stage['loss_last_10pct']:.4f} | {stage['wall_time_s']:.0f} |"
+            f"| {name} | {parameters} | {stage['config']['max_train_steps']} x {stage['config']['train_batch_size']} | "
+            f"{stage['loss_first_10pct']:.4f} | {stage['loss_last_10pct']:.4f} | {stage['wall_time_s']:.0f} | "
+            f"{_device_name(stage.get('device'))} |"
         )
+    machines = {_device_name(stage.get("device")) for stage in stages.values()}
+    where = (
+        f"on {build['provenance']['device']['platform']} ({build['provenance']['num_threads']} thread(s))"
+        if len(machines) == 1
+        else "summed over stages trained on different machines (see the table), so not one machine's time"
+    )
     lines += [
         "",
-        f"Wall time {build['wall_time_s']:.0f} s on {build['provenance']['device']['platform']} "
-        f"({build['provenance']['num_threads']} thread(s)); folder size {build['size_bytes'] / 1e6:.1f} MB; "
+        f"Wall time {build['wall_time_s']:.0f} s {where}; folder size {build['size_bytes'] / 1e6:.1f} MB; "
         f"seed {build['config']['seed']}. The full record is `build.json`.",
         "",
-        f"The recipe's time budget is {build['config']['time_budget_s']:.0f} s; this build "
-        + ("kept to it." if build["within_time_budget"] else "went over it."),
+        f"The recipe's time budget is {build['config']['time_budget_s']:.0f} s on two CPU cores; this build "
+        + ("kept to it." if build["within_time_budget"] else "went over it.")
+        + (
+            " Its GPU stages took less time than they take on two CPU cores."
+            if any((stage.get("device") or {}).get("type") == "cuda" for stage in stages.values())
+            else ""
+        ),
         "",
         "## Quality gates",
         "",

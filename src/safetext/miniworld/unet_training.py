@@ -62,12 +62,12 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (64, 96, 128)
     layers_per_block: int = 1
     attention_head_dim: int = 8
-    max_train_steps: int = 6000
-    train_batch_size: int = 128
+    max_train_steps: int = 4000
+    train_batch_size: int = 64
     learning_rate: float = 1e-3
-    lr_warmup_steps: int = 200
+    lr_warmup_steps: int = 100
     caption_dropout: float = 0.1
-    num_scenes: int = 64_000
+    num_scenes: int = 32_000
     snr_gamma: float | None = 5.0
     seed: int = 0
     num_threads: int = 2
