@@ -455,3 +455,23 @@ def test_two_cpu_processes_match_one_process_with_the_global_batch(tiny_pipeline
     # components. Measured: at most about 2e-5, against a movement of about 2e-3.
     for name in base:
         assert torch.allclose(two[name], one[name], atol=1e-4, rtol=0), name
+
+
+def test_init_noise_is_seeded_and_relative_to_each_tensor():
+    from safetext.alignment import _add_init_noise
+
+    def module():
+        layer = torch.nn.Linear(64, 64)
+        torch.nn.init.constant_(layer.weight, 2.0)
+        torch.nn.init.zeros_(layer.bias)  # all zero, as LoRA's B starts
+        return layer
+
+    a, b, c = module(), module(), module()
+    _add_init_noise(a, 1e-3, seed=0)
+    _add_init_noise(b, 1e-3, seed=0)
+    _add_init_noise(c, 1e-3, seed=1)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert not torch.equal(a.weight, c.weight)
+    # 1e-3 of the weight's RMS (2.0); the zero bias gets 1e-3 itself
+    assert float((a.weight - 2.0).std()) == pytest.approx(2e-3, rel=0.05)
+    assert float(a.bias.std()) == pytest.approx(1e-3, rel=0.3)

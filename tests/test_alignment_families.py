@@ -55,7 +55,7 @@ PIPELINE_CLASSES = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pi
 RUNS = {
     "sdxl": ("sdxl", [], ["text_encoder", "text_encoder_2"]),
     "sd3": ("sd3", [], ["text_encoder", "text_encoder_2"]),
-    "flux": ("flux", ["--learning-rate=5e-4"], ["text_encoder"]),
+    "flux": ("flux", ["--learning-rate=4e-4"], ["text_encoder"]),
 }
 
 

@@ -221,6 +221,27 @@ def _before_after(before: dict, after: dict) -> dict:
     return {"before": before, "after": after}
 
 
+@torch.no_grad()
+def _add_init_noise(trained: torch.nn.Module, scale: float, seed: int) -> None:
+    """Adds seeded Gaussian noise to the trainable weights, `scale` times each tensor's RMS (`scale` itself for an
+    all-zero tensor such as LoRA's B).
+
+    SafeText starts where its objective is stationary: the aligned embeddings equal the reference, where the
+    utility distance is at its minimum and the cosine the effectiveness term pushes down is at its maximum, so the
+    exact gradient is zero. The first steps would then follow rounding noise, which Adam scales up to full-size
+    updates and which differs between machines, BLAS builds and process counts: the same run moved on one machine
+    and stayed put on another. A seeded perturbation gives every machine and every number of processes the same
+    way out (the same noise in every process, drawn on the CPU).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for _, parameter in sorted(trained.named_parameters()):
+        if not parameter.requires_grad:
+            continue
+        rms = float(parameter.detach().float().pow(2).mean().sqrt())
+        noise = torch.randn(parameter.shape, generator=generator) * (scale * rms if rms > 0 else scale)
+        parameter.add_(noise.to(device=parameter.device, dtype=parameter.dtype))
+
+
 def align(
     pretrained_model_name_or_path,
     unsafe_sets: dict[str, PromptSet],
@@ -383,6 +404,8 @@ def align(
     }
     # the trained encoders alone: what checkpoints hold (a frozen T5-XXL would add 19 GB to each)
     trained = torch.nn.ModuleDict({name: encoders.text_encoders[name] for name in train_encoders})
+    if config.init_noise > 0:
+        _add_init_noise(trained, config.init_noise, config.seed)
     optimizer = torch.optim.AdamW(
         [p for p in encoders.parameters() if p.requires_grad],
         lr=config.learning_rate,

@@ -143,7 +143,15 @@ class AlignmentConfig:
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "clip the gradient to this global norm (None: no clipping)"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order, the held-out split and init_noise"})
+    init_noise: float = field(
+        default=1e-4,
+        metadata={
+            "help": "seeded noise added to the trained weights before the first step, relative to each tensor's RMS "
+            "(absolute for all-zero tensors such as LoRA's B), so that training leaves the objective's stationary "
+            "starting point the same way on every machine; 0 turns it off"
+        },
+    )
     heldout_fraction: float = field(
         default=0.1, metadata={"help": "share of each prompt set kept out of training for evaluation"}
     )
@@ -214,6 +222,7 @@ class AlignmentConfig:
             _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_inclusive=False)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be a whole number >= 0")
+        _check_range("init_noise", self.init_noise, 0.0, 1.0)
 
     @property
     def effective_safe_batch_size(self) -> int:
