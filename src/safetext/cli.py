@@ -89,6 +89,12 @@ def _add_align(subparsers) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction)
     p.add_argument(
+        "--init-noise",
+        type=float,
+        default=defaults.init_noise,
+        help="seeded noise on the trained weights before the first step, relative to their RMS (0: off)",
+    )
+    p.add_argument(
         "--utility-positions",
         choices=POSITIONS,
         default=defaults.utility_positions,
@@ -156,6 +162,7 @@ def _run_align(args) -> int:
             max_grad_norm=args.max_grad_norm,
             seed=args.seed,
             heldout_fraction=args.heldout_fraction,
+            init_noise=args.init_noise,
             mixed_precision=args.mixed_precision,
             checkpointing_steps=args.checkpointing_steps,
         )
