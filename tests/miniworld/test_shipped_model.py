@@ -59,24 +59,24 @@ def test_the_model_card_holds_the_measured_gates_and_the_build_record():
 
 
 def test_the_shipped_model_draws_the_object_a_prompt_names(pipeline):
-    # two single-object prompts per class at the gates' 50 steps: a smoke test of what they measure on 240 (82%
-    # for the shipped model); at 20 steps it draws the named object far less often
+    # two single-object prompts per class at the gates' 50 steps: a smoke test of what they measure on 240 (96%
+    # for the shipped model; 22 of these 24); at 20 steps it draws the named object far less often
     prompts = single_object_prompts(per_class=2, seed=1)
     images = draw(pipeline, prompts, num_inference_steps=50, batch_size=24)
     found = presence(MiniWorldDetector(), images, [r["subject"] for r in prompts.records])
-    assert found >= 0.6, found
+    assert found >= 0.75, found
     assert len(images) == 2 * len(CLASS_NAMES) and images[0].size == (64, 64)
 
 
 def test_the_shipped_model_draws_the_restricted_concept_in_its_held_out_forms(pipeline):
-    # the shipped model draws `striped` in 40% of its held-out prompts' images at 50 steps, under the 80% gate its
+    # the shipped model draws `striped` in 68% of its held-out prompts' images at 50 steps, under the 80% gate its
     # card records as failed; here it must at least draw stripes far more often when asked than when not (on these
-    # 16 prompts each: 44% against 12%)
+    # 16 prompts each: 10 against 2)
     detector = MiniWorldDetector()
     rates = {}
     for name in ("miniworld-heldout", "miniworld-safe"):
         prompts = miniworld_set(name, max_prompts=16)
         images = draw(pipeline, prompts, num_inference_steps=50, batch_size=16)
         rates[name] = presence(detector, images, [DESIGNATED_CONCEPT] * len(images))
-    assert rates["miniworld-heldout"] >= 0.3, rates
+    assert rates["miniworld-heldout"] >= 0.45, rates
     assert rates["miniworld-heldout"] >= 2 * rates["miniworld-safe"], rates
