@@ -220,7 +220,8 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
         logger.info("stage %s", name)
         shutil.rmtree(stages_dir / name, ignore_errors=True)
         stages[name] = train(stage_config, stages_dir / name, config.device)
-        # per stage, since a resumed build may have trained its stages on different machines
+        # per stage, since a resumed build may have trained its stages on different machines; read after training,
+        # since each stage sets its own number of CPU threads
         stages[name]["device"] = device_description(torch.device(config.device))
         if name == "autoencoder":
             stages[name]["ceiling"] = _check_autoencoder(stages_dir / name)

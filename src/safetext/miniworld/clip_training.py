@@ -46,8 +46,9 @@ class MiniClipConfig:
         vision_channels: widths of the vision tower's conv blocks (each halves the resolution after the first).
         max_train_steps: optimisation steps; each draws a fresh batch of scenes.
         train_batch_size: (picture, caption) pairs per step, also the number of negatives per pair plus one.
-        num_scenes: scenes in the pool of pictures, rendered once (in worker processes; rendering costs half a CPU step); each is used
-            about `max_train_steps * train_batch_size / num_scenes` times, with a fresh caption every time.
+        num_scenes: scenes in the pool of pictures, rendered once in worker processes (rendering costs half a CPU
+            step); each is used about `max_train_steps * train_batch_size / num_scenes` times, with a fresh caption
+            every time.
         learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
         lr_warmup_steps: steps of linear warm-up.
         weight_decay: AdamW weight decay.
