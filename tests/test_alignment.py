@@ -312,6 +312,32 @@ def test_without_heldout_prompts(tiny_pipeline_dir, tmp_path):
     assert result.record["data"]["unsafe"]["unsafe"]["heldout"] == 0
 
 
+def test_freeze_embeddings_keeps_the_tables_and_trains_the_layers(tiny_pipeline_dir, tmp_path):
+    from safetext.cli import main
+
+    unsafe, safe = tmp_path / "unsafe.txt", tmp_path / "safe.txt"
+    for path, prompts in zip((unsafe, safe), UNSAFE_AND_SAFE):
+        path.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out"
+    argv = ["align", "--model", tiny_pipeline_dir, "--unsafe", unsafe, "--safe", safe, "--out", out]
+    settings = ["--freeze-embeddings", "--max-train-steps=3", "--train-batch-size=2", "--learning-rate=1e-3"]
+    assert main([str(a) for a in argv + settings + ["--no-progress"]]) == 0
+    record = read_record(out)
+    assert record["config"]["train_embeddings"] is False
+    base = load_file(Path(tiny_pipeline_dir) / "text_encoder" / "model.safetensors")
+    aligned = encoder_weights(out)
+    tables = [name for name in base if name.endswith(("token_embedding.weight", "position_embedding.weight"))]
+    assert len(tables) == 2
+    for name in tables:
+        assert torch.equal(aligned[name], base[name]), name
+    changed = [name for name in base if name not in tables and not torch.equal(aligned[name], base[name])]
+    assert any(".layers." in name for name in changed)
+    everything = sum(t.numel() for t in base.values())
+    frozen = sum(base[name].numel() for name in tables)
+    assert record["training"]["trainable_parameters"]["text_encoder"] == everything - frozen
+    assert record["metrics"]["train"]["unsafe_cosine"]["after"] < 1.0
+
+
 # --- NaN --------------------------------------------------------------------------------------------------------
 
 

@@ -145,6 +145,8 @@ def test_lora_settings_are_validated():
             AlignmentConfig(**settings)
     with pytest.raises(ValueError, match="gradient_checkpointing='yes' must be true or false"):
         AlignmentConfig(gradient_checkpointing="yes")
+    with pytest.raises(ValueError, match="train_embeddings=0 must be true or false"):
+        AlignmentConfig(train_embeddings=0)
     config = AlignmentConfig(lora_rank=4, lora_target_modules=("q_proj", "v_proj"), gradient_checkpointing=True)
     assert config.lora_target_modules == ["q_proj", "v_proj"]
     assert AlignmentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -384,6 +384,10 @@ def align(
     for name, encoder in base_encoders.items():
         if config.lora_rank is None:
             encoder.requires_grad_(True)
+            if not config.train_embeddings:
+                for module in encoder.modules():
+                    if isinstance(module, torch.nn.Embedding):
+                        module.requires_grad_(False)
         else:
             # LoRA: the encoder's own weights stay frozen; peft adds trainable low-rank matrices beside the targets
             base_sha256[name] = encoder_sha256(encoder)

@@ -54,6 +54,12 @@ def _add_align(subparsers) -> None:
         "q_proj,k_proj,v_proj,out_proj; T5 q,k,v,o)",
     )
     p.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="full fine-tuning of the transformer layers only: the token and position embedding tables stay as they "
+        "are, so the change acts on words in context rather than on the training prompts' words",
+    )
+    p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute layer activations in the backward pass: less memory, same gradients",
@@ -153,6 +159,7 @@ def _run_align(args) -> int:
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
             lora_target_modules=_comma_list(args.lora_target_modules),
+            train_embeddings=not args.freeze_embeddings,
             gradient_checkpointing=args.gradient_checkpointing,
             learning_rate=args.learning_rate,
             num_train_epochs=args.epochs,

@@ -118,6 +118,15 @@ class AlignmentConfig:
             "k, v, o; BERT: query, key, value)"
         },
     )
+    train_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "in full fine-tuning, also train the encoders' embedding tables (token and position embeddings). "
+            "False trains the transformer layers alone: a row of the token table belongs to one word, so training it "
+            "can change the training prompts' own words and nothing else, while a layer sees every word in context. "
+            "LoRA leaves the tables frozen either way"
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={
@@ -203,6 +212,8 @@ class AlignmentConfig:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs lora_rank (LoRA is off without a rank)")
             if self.lora_dropout:
                 raise ValueError(f"lora_dropout={self.lora_dropout!r} needs lora_rank (LoRA is off without a rank)")
+        if not isinstance(self.train_embeddings, bool):
+            raise ValueError(f"train_embeddings={self.train_embeddings!r} must be true or false")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be true or false")
         _check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
