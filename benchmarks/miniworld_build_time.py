@@ -6,7 +6,14 @@ measured seconds per step; the pools' rendering and encoding are left out. The U
 mini-CLIP and autoencoder just trained, which have the recipe's shapes. Prints the figures and, as its last line,
 `ratio_to_budget=<x>`; writes them to `benchmarks/results/miniworld_build_time.json`.
 
-    python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu]
+A variant of the recipe (`--autoencoder-mixed-precision bf16`: the autoencoder under bfloat16 autocast;
+`--unet-attention-at-16x16`: attention at the UNet's finest level) is timed together with the recipe itself in the
+same run, and each stage's speed is printed as a ratio to the recipe's; its figures go to
+`miniworld_build_time-<changes>.json`. That projects time only: whether a variant reaches the recipe's quality
+takes a full build to tell.
+
+    python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--autoencoder-mixed-precision bf16]
+        [--unet-attention-at-16x16]
 """
 
 import argparse
@@ -24,53 +31,88 @@ from safetext.miniworld.clip_training import train_mini_clip
 from safetext.miniworld.unet_training import train_unet
 
 
+def _time_stages(recipe: BuildConfig, steps: int, device: str, folder: Path) -> dict:
+    """Seconds per step of each stage, run for `steps` steps with the recipe's settings on small pools."""
+    short = {"max_train_steps": steps, "lr_warmup_steps": 1}
+    clip = replace(recipe.clip, **short, num_scenes=2 * recipe.clip.train_batch_size)
+    autoencoder = replace(recipe.autoencoder, **short, num_pictures=2 * recipe.autoencoder.train_batch_size)
+    unet = replace(recipe.unet, **short, num_scenes=2 * recipe.unet.train_batch_size)
+    return {
+        "clip": train_mini_clip(clip, folder, device)["seconds_per_step"],
+        "autoencoder": train_autoencoder(autoencoder, folder, device)["seconds_per_step"],
+        # on the short mini-CLIP and autoencoder just trained, which have the recipe's shapes
+        "unet": train_unet(unet, folder, folder, folder / "pipeline", device)["seconds_per_step"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="steps timed per stage")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--autoencoder-mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--unet-attention-at-16x16", action="store_true", help="attention at the UNet's finest level")
     args = parser.parse_args()
     recipe = BuildConfig(device=args.device)
-    short = {"max_train_steps": args.steps, "lr_warmup_steps": 1}
-    stages = {}
+    variant = BuildConfig(
+        device=args.device,
+        autoencoder=replace(recipe.autoencoder, mixed_precision=args.autoencoder_mixed_precision),
+        unet=replace(recipe.unet, attention_at_16x16=args.unet_attention_at_16x16),
+    )
+    changes = []
+    if args.autoencoder_mixed_precision != "no":
+        changes.append(f"autoencoder-{args.autoencoder_mixed_precision}")
+    if args.unet_attention_at_16x16:
+        changes.append("unet-attention-at-16x16")
     with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        clip = replace(recipe.clip, **short, num_scenes=2 * recipe.clip.train_batch_size)
-        stages["clip"] = (recipe.clip, train_mini_clip(clip, folder / "stages", args.device))
-        autoencoder = replace(recipe.autoencoder, **short, num_pictures=2 * recipe.autoencoder.train_batch_size)
-        stages["autoencoder"] = (recipe.autoencoder, train_autoencoder(autoencoder, folder / "stages", args.device))
-        unet = replace(recipe.unet, **short, num_scenes=2 * recipe.unet.train_batch_size)
-        stages["unet"] = (
-            recipe.unet,
-            train_unet(unet, folder / "stages", folder / "stages", folder / "pipeline", args.device),
-        )
+        timed = _time_stages(variant, args.steps, args.device, Path(folder) / "variant")
+        # a variant is also timed against the recipe itself in the same run: the machine's speed drifts
+        reference = _time_stages(recipe, args.steps, args.device, Path(folder) / "recipe") if changes else None
+    configs = {"clip": variant.clip, "autoencoder": variant.autoencoder, "unet": variant.unet}
     record = {
-        "command": "python benchmarks/miniworld_build_time.py",
+        "command": "python benchmarks/miniworld_build_time.py" + "".join(f" --{flag}" for flag in _flags(args)),
         "device": args.device,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
         "steps_timed": args.steps,
+        "changes_from_recipe": changes,
         "stages": {
             name: {
-                "steps": config.max_train_steps,
-                "train_batch_size": config.train_batch_size,
-                "seconds_per_step": record["seconds_per_step"],
-                "projected_seconds": record["seconds_per_step"] * config.max_train_steps,
+                "steps": configs[name].max_train_steps,
+                "train_batch_size": configs[name].train_batch_size,
+                "seconds_per_step": seconds,
+                "projected_seconds": seconds * configs[name].max_train_steps,
             }
-            for name, (config, record) in stages.items()
+            for name, seconds in timed.items()
         },
         "budget_seconds": recipe.time_budget_s,
     }
+    if reference is not None:
+        record["recipe_seconds_per_step"] = reference
+        record["speedup_over_recipe"] = {name: reference[name] / timed[name] for name in timed}
     record["projected_seconds"] = sum(stage["projected_seconds"] for stage in record["stages"].values())
     record["ratio_to_budget"] = record["projected_seconds"] / recipe.time_budget_s
-    out = Path(__file__).parent / "results" / "miniworld_build_time.json"
+    suffix = "".join(f"-{change}" for change in changes)
+    out = Path(__file__).parent / "results" / f"miniworld_build_time{suffix}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     for name, stage in record["stages"].items():
-        print(
-            f"{name}: {stage['seconds_per_step']:.3f} s per step x {stage['steps']} = "
-            f"{stage['projected_seconds'] / 3600:.2f} h"
-        )
+        line = f"{name}: {stage['seconds_per_step']:.3f} s per step x {stage['steps']} = "
+        line += f"{stage['projected_seconds'] / 3600:.2f} h"
+        if reference is not None:
+            line += f" ({record['speedup_over_recipe'][name]:.2f}x the recipe's speed in this run)"
+        print(line)
     print(f"projected {record['projected_seconds'] / 3600:.2f} h against {recipe.time_budget_s / 3600:.2f} h")
     print(f"ratio_to_budget={record['ratio_to_budget']:.2f}")
+
+
+def _flags(args) -> list[str]:
+    flags = [f"steps {args.steps}"] if args.steps != 10 else []
+    if args.device != "cpu":
+        flags.append(f"device {args.device}")
+    if args.autoencoder_mixed_precision != "no":
+        flags.append(f"autoencoder-mixed-precision {args.autoencoder_mixed_precision}")
+    if args.unet_attention_at_16x16:
+        flags.append("unet-attention-at-16x16")
+    return flags
 
 
 if __name__ == "__main__":

@@ -93,6 +93,35 @@ def test_autoencoder_maps_64_pixels_to_16x16x4_latents_with_a_measured_scale(tmp
     assert vae.decode(latents).sample.shape == (1, 3, 64, 64)
 
 
+def test_autoencoder_trains_under_bf16_autocast_with_float32_weights_and_losses(tmp_path):
+    from diffusers import AutoencoderKL
+
+    full = train_autoencoder(TINY.autoencoder, tmp_path / "fp32")
+    mixed = train_autoencoder(replace(TINY.autoencoder, mixed_precision="bf16"), tmp_path / "bf16")
+    assert mixed["config"]["mixed_precision"] == "bf16"
+    # the same initialisation and pictures: the first loss differs only by bfloat16's rounding in the networks
+    assert mixed["losses"][0] == pytest.approx(full["losses"][0], rel=0.05)
+    assert all(math.isfinite(loss) for loss in mixed["losses"])
+    vae = AutoencoderKL.from_pretrained(tmp_path / "bf16" / "vae")
+    assert {p.dtype for p in vae.parameters()} == {torch.float32}
+
+
+def test_unet_attends_at_its_finest_level_only_when_asked(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from safetext.miniworld.unet_training import train_unet
+
+    train_mini_clip(TINY.clip, tmp_path)
+    train_autoencoder(TINY.autoencoder, tmp_path)
+    for attend in (False, True):
+        output_dir = tmp_path / f"attend-{attend}"
+        train_unet(replace(TINY.unet, attention_at_16x16=attend), tmp_path, tmp_path, output_dir)
+        unet = UNet2DConditionModel.from_pretrained(output_dir / "unet")
+        finest = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attend else ("DownBlock2D", "UpBlock2D")
+        assert (unet.config.down_block_types[0], unet.config.up_block_types[-1]) == finest
+        assert list(unet.config.down_block_types[1:]) == ["CrossAttnDownBlock2D"] * 2
+
+
 def test_built_folder_is_a_stable_diffusion_pipeline_that_draws_64px_pictures(built):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
@@ -256,6 +285,7 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: AutoencoderConfig(block_out_channels=(32, 64)), "three positive widths"),
         (lambda: AutoencoderConfig(block_out_channels=(32, 48, 64), norm_num_groups=32), "multiples of norm_num"),
         (lambda: AutoencoderConfig(train_batch_size=64, num_pictures=32), "num_pictures must be at least"),
+        (lambda: AutoencoderConfig(mixed_precision="fp16"), "mixed_precision must be 'no' or 'bf16'"),
         (lambda: UNetConfig(snr_gamma=0.0), "snr_gamma"),
         (lambda: UNetConfig(num_scenes=0), "num_scenes"),
         (lambda: UNetConfig(caption_dropout=1.0), "caption_dropout"),

@@ -55,6 +55,9 @@ class UNetConfig:
         num_scenes: scenes in the pool of pictures, rendered and encoded once; each is used about
             `max_train_steps * train_batch_size / num_scenes` times, with a fresh caption every time.
         snr_gamma: gamma of the min-SNR loss weighting (the paper's 5); None trains on the plain MSE.
+        attention_at_16x16: give the finest level (16x16 latents) attention blocks too, self- and
+            cross-attention to the prompt, as SD has at its finest levels. Off in the recipe: it about halves the
+            speed of a CPU step (`benchmarks/miniworld_build_time.py --unet-attention-at-16x16`).
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
@@ -69,6 +72,7 @@ class UNetConfig:
     caption_dropout: float = 0.1
     num_scenes: int = 32_000
     snr_gamma: float | None = 5.0
+    attention_at_16x16: bool = False
     seed: int = 0
     num_threads: int = 2
 
@@ -152,14 +156,17 @@ def train_unet(
     vae.requires_grad_(False).eval()
 
     torch.manual_seed(config.seed)
+    finest_down, finest_up = (
+        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if config.attention_at_16x16 else ("DownBlock2D", "UpBlock2D")
+    )
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=vae.config.latent_channels,
         out_channels=vae.config.latent_channels,
-        # attention at 8x8 and 4x4 (and the mid block) only: at 16x16 it attends over 256 positions, which costs
-        # most of a CPU step, while the 16x16 ResNets already see the fine patterns
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # by default attention at 8x8 and 4x4 (and the mid block) only: at 16x16 it attends over 256 positions,
+        # which halves the speed of a CPU step
+        down_block_types=(finest_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", finest_up),
         block_out_channels=config.block_out_channels,
         layers_per_block=config.layers_per_block,
         attention_head_dim=config.attention_head_dim,
