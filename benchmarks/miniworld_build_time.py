@@ -19,6 +19,7 @@ takes a full build to tell.
 import argparse
 import json
 import platform
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -69,7 +70,7 @@ def main() -> None:
         reference = _time_stages(recipe, args.steps, args.device, Path(folder) / "recipe") if changes else None
     configs = {"clip": variant.clip, "autoencoder": variant.autoencoder, "unet": variant.unet}
     record = {
-        "command": "python benchmarks/miniworld_build_time.py" + "".join(f" --{flag}" for flag in _flags(args)),
+        "command": " ".join(["python benchmarks/miniworld_build_time.py", *sys.argv[1:]]),
         "device": args.device,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
@@ -102,17 +103,6 @@ def main() -> None:
         print(line)
     print(f"projected {record['projected_seconds'] / 3600:.2f} h against {recipe.time_budget_s / 3600:.2f} h")
     print(f"ratio_to_budget={record['ratio_to_budget']:.2f}")
-
-
-def _flags(args) -> list[str]:
-    flags = [f"steps {args.steps}"] if args.steps != 10 else []
-    if args.device != "cpu":
-        flags.append(f"device {args.device}")
-    if args.autoencoder_mixed_precision != "no":
-        flags.append(f"autoencoder-mixed-precision {args.autoencoder_mixed_precision}")
-    if args.unet_attention_at_16x16:
-        flags.append("unet-attention-at-16x16")
-    return flags
 
 
 if __name__ == "__main__":

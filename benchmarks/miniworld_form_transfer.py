@@ -13,8 +13,10 @@ out). Per setting it reports, averaged over the folds:
 - `safe_drift`: relative drift of the recipe's held-out safe prompts.
 
 It reads no prompt of the held-out or indirect sets. Prints one line per setting, and as its last line
-`best=<setting>`: the lowest left-out cosine among the settings whose safe drift is at most the first setting's
-(the demo's defaults when this was written). Writes `benchmarks/results/miniworld_form_transfer.json`.
+`best=<setting>`: the lowest left-out cosine among the settings whose safe drift is at most the first setting's.
+Every setting is the demo's alignment (`DemoConfig().alignment`) with the changes named in `SETTINGS`; the first
+trains the embedding tables, as the demo did before this benchmark chose to freeze them. Writes
+`benchmarks/results/miniworld_form_transfer.json`.
 
     python benchmarks/miniworld_form_transfer.py [--epochs 8]
 """
@@ -31,7 +33,6 @@ import torch
 
 from safetext.alignment import align
 from safetext.conditioning import TextConditioner, position_mask
-from safetext.config import AlignmentConfig
 from safetext.loading import MINIWORLD, resolve_model_name
 from safetext.metrics import unsafe_cosine
 from safetext.miniworld.demo import DemoConfig
@@ -40,22 +41,11 @@ from safetext.miniworld.world import DESIGNATED_CONCEPT
 from safetext.recipes import load_recipe
 
 SETTINGS = {
-    "demo defaults": {},
-    "frozen embeddings": {"train_embeddings": False},
-    "frozen embeddings, lr x3": {"train_embeddings": False, "learning_rate_factor": 3.0},
-    "frozen embeddings, lambda 1": {"train_embeddings": False, "effectiveness_weight": 1.0},
+    "tables trained": {"train_embeddings": True},
+    "tables frozen": {"train_embeddings": False},
+    "tables frozen, lr 3e-3": {"train_embeddings": False, "learning_rate": 3e-3},
+    "tables frozen, lambda 1": {"train_embeddings": False, "effectiveness_weight": 1.0},
 }
-
-
-def _config(base: AlignmentConfig, changes: dict) -> AlignmentConfig:
-    changes = dict(changes)
-    factor = changes.pop("learning_rate_factor", 1.0)
-    return replace(base, learning_rate=base.learning_rate * factor, **changes)
-
-
-def _columns(name: str) -> tuple[list[str], list[dict]]:
-    prompts = miniworld_set(name)
-    return prompts.prompts, prompts.records
 
 
 def _cosine(original, aligned, conditioner, prompts) -> float:
@@ -79,7 +69,8 @@ def main() -> None:
     if rest:
         raise SystemExit("the recipe was expected to hold one unsafe set")
     # the recipe's sets keep I2P's columns; the shipped file's own columns say each prompt's surface form
-    by_prompt = {p: r["form"] for p, r in zip(*_columns(unsafe_name))}
+    shipped = miniworld_set(unsafe_name)
+    by_prompt = {p: r["form"] for p, r in zip(shipped.prompts, shipped.records)}
     form_of = [by_prompt[p] for p in unsafe.prompts]
     forms = sorted(set(form_of))
     model = resolve_model_name(MINIWORLD)
@@ -91,7 +82,7 @@ def main() -> None:
     start = time.time()
     with tempfile.TemporaryDirectory() as folder:
         for name, changes in SETTINGS.items():
-            config = _config(base, changes)
+            config = replace(base, **changes)
             folds = {}
             for form in forms:
                 kept = [i for i, f in enumerate(form_of) if f != form]
