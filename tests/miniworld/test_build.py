@@ -38,6 +38,22 @@ def test_contrastive_loss_matches_hand_computed_values():
     assert terms["loss"].item() == pytest.approx(expected)
 
 
+def test_hard_negatives_join_the_picture_to_text_direction_only():
+    images, texts = torch.eye(3), torch.eye(3)
+    # one hard negative caption, as close to picture 0 as its own caption is
+    negatives = torch.tensor([[1.0, 0.0, 0.0]])
+    plain = contrastive_loss(images, texts, torch.tensor(0.0))
+    hard = contrastive_loss(images, texts, torch.tensor(0.0), negative_text_embeds=negatives)
+    assert hard["text_to_image"].item() == pytest.approx(plain["text_to_image"].item())
+    # picture 0 now meets e, 1, 1, e; pictures 1 and 2 meet 1, e, 1, 1 (the negative is orthogonal to them)
+    e = math.e
+    expected = (-math.log(e / (2 * e + 2)) - 2 * math.log(e / (e + 3))) / 3
+    assert hard["image_to_text"].item() == pytest.approx(expected)
+    # no negatives at all is the plain loss
+    empty = contrastive_loss(images, texts, torch.tensor(0.0), negative_text_embeds=torch.zeros(0, 3))
+    assert empty["loss"].item() == pytest.approx(plain["loss"].item())
+
+
 def test_mini_clip_loss_decreases_below_chance(tmp_path):
     config = MiniClipConfig(
         hidden_size=64,
@@ -104,6 +120,30 @@ def test_autoencoder_trains_under_bf16_autocast_with_float32_weights_and_losses(
     assert all(math.isfinite(loss) for loss in mixed["losses"])
     vae = AutoencoderKL.from_pretrained(tmp_path / "bf16" / "vae")
     assert {p.dtype for p in vae.parameters()} == {torch.float32}
+
+
+def test_mini_clip_records_its_hard_negatives_and_can_train_without_them(tmp_path):
+    hard = train_mini_clip(TINY.clip, tmp_path / "hard")
+    plain = train_mini_clip(replace(TINY.clip, hard_negatives=False), tmp_path / "plain")
+    assert hard["hard_negatives_per_step"] > 0
+    assert 0.0 <= hard["hard_negative_accuracy"] <= 1.0
+    assert plain["hard_negatives_per_step"] == 0 and plain["hard_negative_accuracy"] is None
+
+
+def test_unet_trains_under_bf16_autocast_with_float32_weights(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from safetext.miniworld.unet_training import train_unet
+
+    train_mini_clip(TINY.clip, tmp_path)
+    train_autoencoder(TINY.autoencoder, tmp_path)
+    full = train_unet(TINY.unet, tmp_path, tmp_path, tmp_path / "fp32")
+    mixed = train_unet(replace(TINY.unet, mixed_precision="bf16"), tmp_path, tmp_path, tmp_path / "bf16")
+    # the same initialisation and batches: the first loss differs only by bfloat16's rounding in the UNet
+    assert mixed["losses"][0] == pytest.approx(full["losses"][0], rel=0.05)
+    assert all(math.isfinite(loss) for loss in mixed["losses"])
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "bf16" / "unet")
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}
 
 
 def test_unet_attends_at_its_finest_level_only_when_asked(tmp_path):
@@ -287,6 +327,7 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: AutoencoderConfig(train_batch_size=64, num_pictures=32), "num_pictures must be at least"),
         (lambda: AutoencoderConfig(mixed_precision="fp16"), "mixed_precision must be 'no' or 'bf16'"),
         (lambda: UNetConfig(snr_gamma=0.0), "snr_gamma"),
+        (lambda: UNetConfig(mixed_precision="fp16"), "mixed_precision must be 'no' or 'bf16'"),
         (lambda: UNetConfig(num_scenes=0), "num_scenes"),
         (lambda: UNetConfig(caption_dropout=1.0), "caption_dropout"),
         (lambda: UNetConfig(max_train_steps=10, lr_warmup_steps=10), "lr_warmup_steps"),

@@ -1,9 +1,10 @@
 import random
+from dataclasses import replace
 
 import pytest
 
 from safetext.miniworld.captions import caption
-from safetext.miniworld.scenes import Scene, SceneDistribution, SceneObject, sample_scene
+from safetext.miniworld.scenes import Scene, SceneDistribution, SceneObject, sample_scene, swap_attribute
 from safetext.miniworld.world import (
     ATTRIBUTES,
     CLASS_NAMES,
@@ -113,3 +114,30 @@ def test_scene_validation_names_the_bad_value():
 def test_every_attribute_is_defined_once():
     names = [a.name for a in ATTRIBUTES]
     assert len(names) == len(set(names))
+
+
+def test_swap_attribute_changes_one_attribute_to_another_of_its_kind_that_the_class_carries():
+    rng = random.Random(0)
+    plain = Scene(background="grass", objects=(SceneObject("tree", "green"),), seed=1)
+    assert swap_attribute(plain, rng) is None
+    # a box carries striped and checkered patterns, not dotted
+    box = Scene(background="beach", objects=(SceneObject("box", "red", attributes=("striped",)),), seed=2)
+    assert {swap_attribute(box, rng).objects[0].attributes for _ in range(20)} == {("checkered",)}
+    # a fish carries dotted but not checkered; its crown swaps for a hat
+    fish = Scene(
+        background="underwater", objects=(SceneObject("fish", "blue", attributes=("crowned", "striped")),), seed=3
+    )
+    swaps = {swap_attribute(fish, rng).objects[0].attributes for _ in range(40)}
+    assert swaps == {("crowned", "dotted"), ("hatted", "striped")}
+    for _ in range(200):
+        scene = sample_scene(rng)
+        swapped = swap_attribute(scene, rng)
+        if swapped is None:
+            assert not scene.attributes()
+            continue
+        changed = [(a, b) for a, b in zip(scene.objects, swapped.objects) if a != b]
+        assert len(changed) == 1 and swapped.seed == scene.seed and swapped.background == scene.background
+        before, after = changed[0]
+        assert before.attributes != after.attributes and replace(after, attributes=before.attributes) == before
+        for name in after.attributes:
+            assert before.object_class in get_attribute(name).carriers

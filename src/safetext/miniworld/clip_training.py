@@ -6,6 +6,14 @@ learn to match fresh renders with their captions under the symmetric InfoNCE los
 eq. in Figure 3) with a learned temperature. Captions use every surface form of the restricted concepts, so
 "striped", "pinstriped" and "patterned like a zebra" land near each other because they describe the same pictures.
 
+In-batch negatives alone leave attributes of the same kind unlearnt: a caption is told apart from the other 255 of
+its batch by its object, colour and background long before its pattern matters, and the first full builds' text
+encoders gave "striped" and "dotted" nearly the same hidden state (cosine 0.86 at the word, against 0.2 for
+"striped" and "red"), so the UNet conditioned on them drew a blend of patterns. Each picture whose scene carries an
+attribute therefore also meets a hard negative caption: the same scene with that attribute swapped for another of
+its kind (`scenes.swap_attribute`), as NegCLIP adds attribute-swapped captions (Yuksekgonul et al., 2023, "When and
+why vision-language models behave like bags-of-words, and what to do about it").
+
 Only the text side is kept: `text_encoder/` (safetensors) and `tokenizer/`, the layout of an SD pipeline's
 folders, which the UNet stage loads frozen.
 """
@@ -27,7 +35,7 @@ from tqdm.auto import tqdm
 from safetext.miniworld.captions import caption
 from safetext.miniworld.progress import log_progress
 from safetext.miniworld.renderer import render_many, to_pixel_values
-from safetext.miniworld.scenes import epoch_order, sample_scene
+from safetext.miniworld.scenes import epoch_order, sample_scene, swap_attribute
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,8 @@ class MiniClipConfig:
         learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
         lr_warmup_steps: steps of linear warm-up.
         weight_decay: AdamW weight decay.
+        hard_negatives: give each picture whose scene carries an attribute a hard negative caption, the same scene
+            with one attribute swapped for another of its kind, among the captions it is contrasted with.
         seed: seed of the scenes, captions and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
@@ -68,6 +78,7 @@ class MiniClipConfig:
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 100
     weight_decay: float = 0.1
+    hard_negatives: bool = True
     seed: int = 0
     num_threads: int = 2
 
@@ -155,14 +166,24 @@ def build_text_encoder(config: MiniClipConfig, tokenizer):
     )
 
 
-def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> dict:
+def contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negative_text_embeds: torch.Tensor | None = None,
+) -> dict:
     """CLIP's symmetric InfoNCE loss: cross-entropy of the scaled cosine similarities in both directions, the i-th
     picture and i-th caption being the positive pair (Radford et al., 2021, Figure 3).
+
+    Hard negative captions, as in NegCLIP (Yuksekgonul et al., 2023), join the captions each picture is contrasted
+    with (picture-to-text direction); having no picture of their own, they leave the text-to-picture direction as
+    it is.
 
     Args:
         image_embeds: (N, D) picture embeddings, not necessarily normalised.
         text_embeds: (N, D) caption embeddings, not necessarily normalised.
         logit_scale: log of the inverse temperature, a scalar (CLIP's `t`, used as `exp(t)`).
+        negative_text_embeds: (M, D) embeddings of hard negative captions, or None.
 
     Returns:
         `{"image_to_text": ..., "text_to_image": ..., "loss": mean of the two}`.
@@ -171,7 +192,11 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logi
     text_embeds = F.normalize(text_embeds, dim=-1)
     logits = logit_scale.exp() * image_embeds @ text_embeds.T
     labels = torch.arange(len(logits), device=logits.device)
-    image_to_text = F.cross_entropy(logits, labels)
+    if negative_text_embeds is None or len(negative_text_embeds) == 0:
+        image_to_text = F.cross_entropy(logits, labels)
+    else:
+        negatives = logit_scale.exp() * image_embeds @ F.normalize(negative_text_embeds, dim=-1).T
+        image_to_text = F.cross_entropy(torch.cat([logits, negatives], dim=1), labels)
     text_to_image = F.cross_entropy(logits.T, labels)
     return {
         "image_to_text": image_to_text,
@@ -231,7 +256,7 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
     order = epoch_order(rng, config.num_scenes, config.max_train_steps * config.train_batch_size)
 
     modules.train()
-    losses = []
+    losses, negatives_per_step, hard_negative_wins = [], [], []
     loop_start = time.time()
     progress = tqdm(range(config.max_train_steps), desc="mini-CLIP", disable=None)
     for step in progress:
@@ -239,11 +264,31 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
         pixel_values = to_pixel_values(pool[indices])
         # every surface-form group: the base model must know held-out and indirect forms for alignment to be tested
         captions = [caption(scenes[i], rng) for i in indices]
+        num_captions = len(captions)
+        if config.hard_negatives:
+            swapped = [swap_attribute(scenes[i], rng) for i in indices]
+            captions += [caption(scene, rng) for scene in swapped if scene is not None]
         # padding to the longest caption, not to 77, is exact here: the causal mask hides later positions from the
         # EOS token whose state is pooled, and it saves most of the text tower's compute
         input_ids = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt").input_ids
         text_embeds = text_projection(text_encoder(input_ids=input_ids.to(device)).pooler_output)
-        terms = contrastive_loss(vision_tower(pixel_values.to(device)), text_embeds, logit_scale)
+        image_embeds = vision_tower(pixel_values.to(device))
+        terms = contrastive_loss(
+            image_embeds,
+            text_embeds[:num_captions],
+            logit_scale,
+            negative_text_embeds=text_embeds[num_captions:],
+        )
+        if config.hard_negatives:
+            with torch.no_grad():
+                # the share of pictures that score their own caption above their hard negative: chance is one half
+                owners = [j for j, scene in enumerate(swapped) if scene is not None]
+                images = F.normalize(image_embeds.detach(), dim=-1)[owners]
+                texts = F.normalize(text_embeds.detach(), dim=-1)
+                own = (images * texts[owners]).sum(-1)
+                negative = (images * texts[num_captions:]).sum(-1)
+                hard_negative_wins.append((own > negative).float().mean().item() if owners else float("nan"))
+        negatives_per_step.append(len(captions) - num_captions)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -270,6 +315,9 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
         "final_loss": losses[-1],
         "losses": losses,
         "logit_scale": logit_scale.exp().item(),
+        "hard_negatives_per_step": float(np.mean(negatives_per_step)),
+        # over the last 10% of steps; None without hard negatives
+        "hard_negative_accuracy": float(np.nanmean(hard_negative_wins[-tenth:])) if hard_negative_wins else None,
         "seconds_per_step": loop_seconds / config.max_train_steps,
         "pool_seconds": round(pool_seconds, 1),
         "uses_per_scene": config.max_train_steps * config.train_batch_size / config.num_scenes,

@@ -209,6 +209,30 @@ def sample_scene(rng: random.Random, distribution: SceneDistribution | None = No
     return Scene(background=background, objects=objects, seed=rng.getrandbits(31))
 
 
+def swap_attribute(scene: Scene, rng: random.Random) -> Scene | None:
+    """The same scene with one attribute of one object replaced by another of its kind, or None if it has none.
+
+    The attribute is drawn uniformly from those the scene's objects carry, and replaced by another attribute of the
+    same kind (pattern or headwear) that the object's class carries in the world's captions ("a striped ball" becomes
+    "a dotted ball" or "a checkered ball"); where the class carries no other, the attribute is removed. Everything
+    else, the picture's seed included, stays: the mini-CLIP uses such scenes' captions as hard negatives, which only
+    the attribute tells apart from the positive.
+    """
+    carried = [(i, name) for i, obj in enumerate(scene.objects) for name in obj.attributes]
+    if not carried:
+        return None
+    index, name = rng.choice(carried)
+    obj = scene.objects[index]
+    kind = get_attribute(name).kind
+    others = [a.name for a in ATTRIBUTES if a.kind == kind and a.name != name and obj.object_class in a.carriers]
+    kept = [other for other in obj.attributes if other != name]
+    if others:
+        kept.append(rng.choice(others))
+    objects = list(scene.objects)
+    objects[index] = replace(obj, attributes=tuple(sorted(kept)))
+    return replace(scene, objects=tuple(objects))
+
+
 def epoch_order(rng: random.Random, pool_size: int, num_samples: int) -> list[int]:
     """Indices into a pool of `pool_size` scenes for `num_samples` draws: one shuffled pass after another, so that
     every scene is used equally often and no batch cut from a pass holds one scene twice."""

@@ -58,6 +58,9 @@ class UNetConfig:
         attention_at_16x16: give the finest level (16x16 latents) attention blocks too, self- and
             cross-attention to the prompt, as SD has at its finest levels. Off in the recipe: it about halves the
             speed of a CPU step (`benchmarks/miniworld_build_time.py --unet-attention-at-16x16`).
+        mixed_precision: "bf16" runs the UNet's forward and backward passes under bfloat16 autocast (weights,
+            optimiser, the frozen text encoder and the loss stay float32); "no" trains in float32, as the shipped
+            build did.
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
@@ -73,10 +76,13 @@ class UNetConfig:
     num_scenes: int = 32_000
     snr_gamma: float | None = 5.0
     attention_at_16x16: bool = False
+    mixed_precision: str = "no"
     seed: int = 0
     num_threads: int = 2
 
     def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if len(self.block_out_channels) != 3 or min(self.block_out_channels) < 1:
             raise ValueError(f"block_out_channels must be three positive widths, got {self.block_out_channels}")
         if any(width % 32 for width in self.block_out_channels):
@@ -187,6 +193,9 @@ def train_unet(
     pool_seconds = time.time() - pool_start
     order = epoch_order(rng, config.num_scenes, config.max_train_steps * config.train_batch_size)
 
+    autocast = torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"
+    )
     unet.train()
     losses = []
     loop_start = time.time()
@@ -213,7 +222,10 @@ def train_unet(
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
         timesteps = timesteps.to(device)
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        with autocast:
+            prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        # the loss in float32, whatever the network ran in
+        prediction = prediction.float()
         if config.snr_gamma is None:
             loss = F.mse_loss(prediction, noise)
         else:
