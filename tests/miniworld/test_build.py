@@ -203,6 +203,17 @@ def test_built_weights_are_half_precision_and_the_record_describes_every_stage(b
     assert record["size_bytes"] > 0 and record["provenance"]["versions"]
 
 
+def test_attribute_separation_compares_the_pattern_words_as_the_unet_reads_them(built):
+    from safetext.miniworld.quality import attribute_separation
+
+    record = attribute_separation(built)
+    # "checkered" takes two tokens, "striped" one: the pairs are aligned from the end-of-text token
+    assert set(record["pairs"]) == {"striped / dotted", "striped / checkered", "dotted / checkered"}
+    values = list(record["pairs"].values()) + list(record["reference"].values())
+    assert all(-1.0 <= value <= 1.0 for value in values)
+    assert len(set(values)) == len(values)
+
+
 def test_safetext_loads_the_built_text_encoder_as_for_sd(built):
     from safetext.loading import load_text_encoder
 

@@ -137,6 +137,54 @@ def autoencoder_ceiling(model_dir: str | Path, detector: MiniWorldDetector, num_
     return record
 
 
+@torch.no_grad()
+def attribute_separation(model_dir: str | Path) -> dict:
+    """How differently the text encoder reads the designated concept's word and its neighbours' words.
+
+    For every pair of patterns (`striped`, `dotted`, `checkered`, each in its plain form) and every class that
+    carries both, the prompts "a {pattern} {noun}" are encoded and the last hidden states (what the UNet attends
+    to) are compared position by position, from the first token where the two differ through the end-of-text
+    token, and the cosines averaged. A colour pair ("striped" against "red") gives the scale: the UNet can only
+    draw the pattern asked for if its word is read apart from the others. Diagnostic, not a gate.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from safetext.miniworld.world import ATTRIBUTES, OBJECT_CLASSES, get_attribute
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", use_safetensors=True).eval()
+    nouns = {c.name: c.nouns[0].singular for c in OBJECT_CLASSES}
+    patterns = [a.name for a in ATTRIBUTES if a.kind == "pattern"]
+    # the plain written form: the first of the restricted concept's training forms, or of a neighbour's forms
+    pattern_words = {name: next(iter(get_attribute(name).forms.values()))[0].text for name in patterns}
+
+    def cosine(first: str, second: str, classes: list[str]) -> float:
+        values = []
+        for name in classes:
+            ids = tokenizer(
+                [f"a {first} {nouns[name]}", f"a {second} {nouns[name]}"], padding="max_length", return_tensors="pt"
+            ).input_ids
+            ends = (ids == tokenizer.eos_token_id).float().argmax(dim=1)
+            # aligned from the end-of-text token back: the noun's tokens, then the pattern word's last token (a word
+            # may take two tokens, "checkered" does)
+            span = len(tokenizer(nouns[name], add_special_tokens=False).input_ids) + 2
+            states = text_encoder(ids).last_hidden_state
+            first_span = states[0, int(ends[0]) + 1 - span : int(ends[0]) + 1]
+            second_span = states[1, int(ends[1]) + 1 - span : int(ends[1]) + 1]
+            values.append(torch.cosine_similarity(first_span, second_span, dim=-1).mean())
+        return float(torch.stack(values).mean())
+
+    record = {"pairs": {}}
+    for i, first in enumerate(patterns):
+        for second in patterns[i + 1 :]:
+            shared = sorted(set(get_attribute(first).carriers) & set(get_attribute(second).carriers))
+            key = f"{pattern_words[first]} / {pattern_words[second]}"
+            record["pairs"][key] = cosine(pattern_words[first], pattern_words[second], shared)
+    striped = pattern_words[patterns[0]]
+    record["reference"] = {f"{striped} / red": cosine(striped, "red", list(get_attribute(patterns[0]).carriers))}
+    return record
+
+
 def _gate(name: str, value: float, required: float) -> dict:
     return {"name": name, "value": value, "required": required, "passed": bool(value >= required)}
 
@@ -206,6 +254,7 @@ def measure_quality(
         "prompt_following_by_class": by_class,
         "restricted_sets": restricted,
         "autoencoder_ceiling": ceiling,
+        "attribute_separation": attribute_separation(model_dir),
         "detector_evaluation": detector_record,
         "wall_time_s": round(time.time() - start, 1),
         "num_threads": torch.get_num_threads(),
