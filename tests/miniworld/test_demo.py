@@ -87,6 +87,8 @@ def test_quality_gates_are_measured_and_written_into_the_model_card(quick, capsy
     assert code in (0, 1)
     card = (quick / "README.md").read_text()
     assert "## Quality gates" in card and "prompt following" in card
+    # the text encoder's reading of the pattern words is recorded and written into the card
+    assert all(pair in card for pair in record["attribute_separation"]["pairs"])
     assert json.loads((quick / "quality.json").read_text())["settings"]["num_inference_steps"] == 1
 
 

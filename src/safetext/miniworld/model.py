@@ -112,6 +112,16 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
                 "The autoencoder's ceiling (detector recall on reconstructions of fresh renders; no UNet on this VAE "
                 "can do better): " + ", ".join(f"{label} {_percent(value)}" for label, value in recall.items()) + ".",
             ]
+        separation = quality.get("attribute_separation")
+        if separation:
+            pairs = {**separation["pairs"], **separation["reference"]}
+            lines += [
+                "",
+                "How differently the text encoder reads the pattern words (cosine of the hidden states the UNet "
+                'attends to, in "a {pattern} {noun}"; lower is further apart): '
+                + ", ".join(f"{pair} {value:.2f}" for pair, value in pairs.items())
+                + ".",
+            ]
     lines += [
         "",
         "## Use",
