@@ -123,8 +123,8 @@ def test_autoencoder_trains_under_bf16_autocast_with_float32_weights_and_losses(
 
 
 def test_mini_clip_records_its_hard_negatives_and_can_train_without_them(tmp_path):
-    hard = train_mini_clip(TINY.clip, tmp_path / "hard")
-    plain = train_mini_clip(replace(TINY.clip, hard_negatives=False), tmp_path / "plain")
+    hard = train_mini_clip(replace(TINY.clip, hard_negatives=True), tmp_path / "hard")
+    plain = train_mini_clip(TINY.clip, tmp_path / "plain")
     assert hard["hard_negatives_per_step"] > 0
     assert 0.0 <= hard["hard_negative_accuracy"] <= 1.0
     assert plain["hard_negatives_per_step"] == 0 and plain["hard_negative_accuracy"] is None
