@@ -60,7 +60,8 @@ class UNetConfig:
             speed of a CPU step (`benchmarks/miniworld_build_time.py --unet-attention-at-16x16`).
         mixed_precision: "bf16" runs the UNet's forward and backward passes under bfloat16 autocast (weights,
             optimiser, the frozen text encoder and the loss stay float32); "no" trains in float32, as the shipped
-            build did.
+            build did. Meant for GPU builds; no committed benchmark times it, on a CPU or a GPU, and no build has
+            used it.
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
