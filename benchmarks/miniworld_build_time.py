@@ -7,13 +7,13 @@ mini-CLIP and autoencoder just trained, which have the recipe's shapes. Prints t
 `ratio_to_budget=<x>`; writes them to `benchmarks/results/miniworld_build_time.json`.
 
 A variant of the recipe (`--autoencoder-mixed-precision bf16`: the autoencoder under bfloat16 autocast;
-`--unet-attention-at-16x16`: attention at the UNet's finest level) is timed together with the recipe itself in the
-same run, and each stage's speed is printed as a ratio to the recipe's; its figures go to
-`miniworld_build_time-<changes>.json`. That projects time only: whether a variant reaches the recipe's quality
+`--unet-mixed-precision bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level) is
+timed together with the recipe itself in the same run, and each stage's speed is printed as a ratio to the
+recipe's; its figures go to `miniworld_build_time-<changes>.json`. That projects time only: whether a variant reaches the recipe's quality
 takes a full build to tell.
 
     python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--autoencoder-mixed-precision bf16]
-        [--unet-attention-at-16x16]
+        [--unet-mixed-precision bf16] [--unet-attention-at-16x16]
 """
 
 import argparse
@@ -51,17 +51,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps timed per stage")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autoencoder-mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--unet-mixed-precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--unet-attention-at-16x16", action="store_true", help="attention at the UNet's finest level")
     args = parser.parse_args()
     recipe = BuildConfig(device=args.device)
     variant = BuildConfig(
         device=args.device,
         autoencoder=replace(recipe.autoencoder, mixed_precision=args.autoencoder_mixed_precision),
-        unet=replace(recipe.unet, attention_at_16x16=args.unet_attention_at_16x16),
+        unet=replace(
+            recipe.unet, mixed_precision=args.unet_mixed_precision, attention_at_16x16=args.unet_attention_at_16x16
+        ),
     )
     changes = []
     if args.autoencoder_mixed_precision != "no":
         changes.append(f"autoencoder-{args.autoencoder_mixed_precision}")
+    if args.unet_mixed_precision != "no":
+        changes.append(f"unet-{args.unet_mixed_precision}")
     if args.unet_attention_at_16x16:
         changes.append("unet-attention-at-16x16")
     with tempfile.TemporaryDirectory() as folder:

@@ -60,8 +60,9 @@ class UNetConfig:
             speed of a CPU step (`benchmarks/miniworld_build_time.py --unet-attention-at-16x16`).
         mixed_precision: "bf16" runs the UNet's forward and backward passes under bfloat16 autocast (weights,
             optimiser, the frozen text encoder and the loss stay float32); "no" trains in float32, as the shipped
-            build did. Meant for GPU builds; no committed benchmark times it, on a CPU or a GPU, and no build has
-            used it.
+            build did. Meant for GPU builds: on two CPU cores it gains nothing (0.93 times the recipe's speed, in a
+            run where the unchanged stages varied by up to 18%: `benchmarks/miniworld_build_time.py
+            --unet-mixed-precision bf16`), unlike the autoencoder's convolutions. No build has used it.
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
