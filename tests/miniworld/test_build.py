@@ -21,6 +21,15 @@ TINY = BuildConfig.quick()
 
 
 @pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """A folder with a tiny mini-CLIP and autoencoder, the inputs of the UNet stage."""
+    folder = tmp_path_factory.mktemp("stages")
+    train_mini_clip(TINY.clip, folder)
+    train_autoencoder(TINY.autoencoder, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def built(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("miniworld") / "pipeline"
     assert main(["--out", str(output_dir), "--quick", "--seed", "3"]) == 0
@@ -130,15 +139,13 @@ def test_mini_clip_records_its_hard_negatives_and_can_train_without_them(tmp_pat
     assert plain["hard_negatives_per_step"] == 0 and plain["hard_negative_accuracy"] is None
 
 
-def test_unet_trains_under_bf16_autocast_with_float32_weights(tmp_path):
+def test_unet_trains_under_bf16_autocast_with_float32_weights(stages, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from safetext.miniworld.unet_training import train_unet
 
-    train_mini_clip(TINY.clip, tmp_path)
-    train_autoencoder(TINY.autoencoder, tmp_path)
-    full = train_unet(TINY.unet, tmp_path, tmp_path, tmp_path / "fp32")
-    mixed = train_unet(replace(TINY.unet, mixed_precision="bf16"), tmp_path, tmp_path, tmp_path / "bf16")
+    full = train_unet(TINY.unet, stages, stages, tmp_path / "fp32")
+    mixed = train_unet(replace(TINY.unet, mixed_precision="bf16"), stages, stages, tmp_path / "bf16")
     # the same initialisation and batches: the first loss differs only by bfloat16's rounding in the UNet
     assert mixed["losses"][0] == pytest.approx(full["losses"][0], rel=0.05)
     assert all(math.isfinite(loss) for loss in mixed["losses"])
@@ -146,16 +153,14 @@ def test_unet_trains_under_bf16_autocast_with_float32_weights(tmp_path):
     assert {p.dtype for p in unet.parameters()} == {torch.float32}
 
 
-def test_unet_attends_at_its_finest_level_only_when_asked(tmp_path):
+def test_unet_attends_at_its_finest_level_only_when_asked(stages, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from safetext.miniworld.unet_training import train_unet
 
-    train_mini_clip(TINY.clip, tmp_path)
-    train_autoencoder(TINY.autoencoder, tmp_path)
     for attend in (False, True):
         output_dir = tmp_path / f"attend-{attend}"
-        train_unet(replace(TINY.unet, attention_at_16x16=attend), tmp_path, tmp_path, output_dir)
+        train_unet(replace(TINY.unet, attention_at_16x16=attend), stages, stages, output_dir)
         unet = UNet2DConditionModel.from_pretrained(output_dir / "unet")
         finest = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attend else ("DownBlock2D", "UpBlock2D")
         assert (unet.config.down_block_types[0], unet.config.up_block_types[-1]) == finest

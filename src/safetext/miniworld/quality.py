@@ -143,8 +143,8 @@ def attribute_separation(model_dir: str | Path) -> dict:
 
     For every pair of patterns (`striped`, `dotted`, `checkered`, each in its plain form) and every class that
     carries both, the prompts "a {pattern} {noun}" are encoded and the last hidden states (what the UNet attends
-    to) are compared position by position, from the first token where the two differ through the end-of-text
-    token, and the cosines averaged. A colour pair ("striped" against "red") gives the scale: the UNet can only
+    to) are compared at the pattern word's last token, the noun's tokens and the end-of-text token, aligned from
+    the end since a pattern word may take two tokens, and the cosines averaged. A colour pair ("striped" against "red") gives the scale: the UNet can only
     draw the pattern asked for if its word is read apart from the others. Diagnostic, not a gate.
     """
     from transformers import CLIPTextModel, CLIPTokenizer
