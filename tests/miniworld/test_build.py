@@ -160,11 +160,16 @@ def test_unet_attends_at_its_finest_level_only_when_asked(stages, tmp_path):
 
     for attend in (False, True):
         output_dir = tmp_path / f"attend-{attend}"
-        train_unet(replace(TINY.unet, attention_at_16x16=attend), stages, stages, output_dir)
+        # at 16x16 one head over all 32 channels, at the coarser levels two
+        config = replace(TINY.unet, attention_at_16x16=attend, attention_head_dim=(1, 2, 2))
+        train_unet(config, stages, stages, output_dir)
         unet = UNet2DConditionModel.from_pretrained(output_dir / "unet")
         finest = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attend else ("DownBlock2D", "UpBlock2D")
         assert (unet.config.down_block_types[0], unet.config.up_block_types[-1]) == finest
         assert list(unet.config.down_block_types[1:]) == ["CrossAttnDownBlock2D"] * 2
+        assert list(unet.config.attention_head_dim) == [1, 2, 2]
+    finest_attention = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    assert finest_attention.heads == 1 and unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.heads == 2
 
 
 def test_built_folder_is_a_stable_diffusion_pipeline_that_draws_64px_pictures(built):
@@ -345,6 +350,9 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: UNetConfig(snr_gamma=0.0), "snr_gamma"),
         (lambda: UNetConfig(mixed_precision="fp16"), "mixed_precision must be 'no' or 'bf16'"),
         (lambda: UNetConfig(num_scenes=0), "num_scenes"),
+        (lambda: UNetConfig(attention_head_dim=(2, 8)), "one positive number or three"),
+        (lambda: UNetConfig(attention_head_dim=0), "one positive number or three"),
+        (lambda: UNetConfig(attention_head_dim=(3, 8, 8)), "must divide into its heads"),
         (lambda: UNetConfig(caption_dropout=1.0), "caption_dropout"),
         (lambda: UNetConfig(max_train_steps=10, lr_warmup_steps=10), "lr_warmup_steps"),
         (lambda: BuildConfig(time_budget_s=0), "time_budget_s"),

@@ -46,7 +46,9 @@ class UNetConfig:
         block_out_channels: widths of the UNet's three levels (16x16, 8x8, 4x4 latents); the two coarser levels
             have cross-attention to the prompt.
         layers_per_block: ResNet (and attention) layers per down block; up blocks have one more, as in diffusers.
-        attention_head_dim: diffusers' `attention_head_dim` (in `UNet2DConditionModel` it is the number of heads).
+        attention_head_dim: diffusers' `attention_head_dim` (in `UNet2DConditionModel` it is the number of heads):
+            one number for every level, or one per level from 16x16 to 4x4. The 16x16 level's number counts only
+            with `attention_at_16x16`.
         max_train_steps: optimisation steps, each on a fresh batch of scenes.
         train_batch_size: (latent, caption) pairs per step.
         learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
@@ -69,7 +71,7 @@ class UNetConfig:
 
     block_out_channels: tuple[int, ...] = (64, 96, 128)
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int | tuple[int, ...] = 8
     max_train_steps: int = 4000
     train_batch_size: int = 64
     learning_rate: float = 1e-3
@@ -90,9 +92,17 @@ class UNetConfig:
         if any(width % 32 for width in self.block_out_channels):
             # diffusers' UNet blocks use group norm with 32 groups
             raise ValueError(f"block_out_channels must be multiples of 32, got {self.block_out_channels}")
+        heads = self.attention_head_dim
+        if isinstance(heads, int):
+            heads = (heads,) * len(self.block_out_channels)
+        if len(heads) != len(self.block_out_channels) or min(heads) < 1:
+            raise ValueError(f"attention_head_dim must be one positive number or three, got {self.attention_head_dim}")
+        if any(width % count for width, count in zip(self.block_out_channels, heads)):
+            raise ValueError(
+                f"each level's width {self.block_out_channels} must divide into its heads {self.attention_head_dim}"
+            )
         for name in (
             "layers_per_block",
-            "attention_head_dim",
             "max_train_steps",
             "train_batch_size",
             "num_scenes",
@@ -177,7 +187,12 @@ def train_unet(
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", finest_up),
         block_out_channels=config.block_out_channels,
         layers_per_block=config.layers_per_block,
-        attention_head_dim=config.attention_head_dim,
+        # a tuple when the record was read back from JSON as a list
+        attention_head_dim=(
+            config.attention_head_dim
+            if isinstance(config.attention_head_dim, int)
+            else tuple(config.attention_head_dim)
+        ),
         cross_attention_dim=text_encoder.config.hidden_size,
     )
     text_encoder.to(device)
