@@ -7,13 +7,14 @@ mini-CLIP and autoencoder just trained, which have the recipe's shapes. Prints t
 `ratio_to_budget=<x>`; writes them to `benchmarks/results/miniworld_build_time.json`.
 
 A variant of the recipe (`--autoencoder-mixed-precision bf16`: the autoencoder under bfloat16 autocast;
-`--unet-mixed-precision bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level) is
+`--unet-mixed-precision bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
+`--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first) is
 timed together with the recipe itself in the same run, and each stage's speed is printed as a ratio to the
 recipe's; its figures go to `miniworld_build_time-<changes>.json`. That projects time only: whether a variant reaches the recipe's quality
 takes a full build to tell.
 
     python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--autoencoder-mixed-precision bf16]
-        [--unet-mixed-precision bf16] [--unet-attention-at-16x16]
+        [--unet-mixed-precision bf16] [--unet-attention-at-16x16] [--unet-attention-heads 2,8,8]
 """
 
 import argparse
@@ -53,15 +54,28 @@ def main() -> None:
     parser.add_argument("--autoencoder-mixed-precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--unet-mixed-precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--unet-attention-at-16x16", action="store_true", help="attention at the UNet's finest level")
+    parser.add_argument("--unet-attention-heads", help="heads per level, 16x16 first, comma-separated (e.g. 2,8,8)")
     args = parser.parse_args()
+    heads = recipe_heads = BuildConfig().unet.attention_head_dim
+    if args.unet_attention_heads:
+        try:
+            heads = tuple(int(count) for count in args.unet_attention_heads.split(","))
+        except ValueError:
+            parser.error(f"--unet-attention-heads takes comma-separated numbers, got {args.unet_attention_heads!r}")
     recipe = BuildConfig(device=args.device)
-    variant = BuildConfig(
-        device=args.device,
-        autoencoder=replace(recipe.autoencoder, mixed_precision=args.autoencoder_mixed_precision),
-        unet=replace(
-            recipe.unet, mixed_precision=args.unet_mixed_precision, attention_at_16x16=args.unet_attention_at_16x16
-        ),
-    )
+    try:
+        variant = BuildConfig(
+            device=args.device,
+            autoencoder=replace(recipe.autoencoder, mixed_precision=args.autoencoder_mixed_precision),
+            unet=replace(
+                recipe.unet,
+                mixed_precision=args.unet_mixed_precision,
+                attention_at_16x16=args.unet_attention_at_16x16,
+                attention_head_dim=heads,
+            ),
+        )
+    except ValueError as error:
+        parser.error(str(error))
     changes = []
     if args.autoencoder_mixed_precision != "no":
         changes.append(f"autoencoder-{args.autoencoder_mixed_precision}")
@@ -69,6 +83,8 @@ def main() -> None:
         changes.append(f"unet-{args.unet_mixed_precision}")
     if args.unet_attention_at_16x16:
         changes.append("unet-attention-at-16x16")
+    if heads != recipe_heads:
+        changes.append("unet-heads-" + "-".join(str(count) for count in heads))
     with tempfile.TemporaryDirectory() as folder:
         timed = _time_stages(variant, args.steps, args.device, Path(folder) / "variant")
         # a variant is also timed against the recipe itself in the same run: the machine's speed drifts
