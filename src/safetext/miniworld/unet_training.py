@@ -58,8 +58,9 @@ class UNetConfig:
             `max_train_steps * train_batch_size / num_scenes` times, with a fresh caption every time.
         snr_gamma: gamma of the min-SNR loss weighting (the paper's 5); None trains on the plain MSE.
         attention_at_16x16: give the finest level (16x16 latents) attention blocks too, self- and
-            cross-attention to the prompt, as SD has at its finest levels. Off in the recipe: it about halves the
-            speed of a CPU step (`benchmarks/miniworld_build_time.py --unet-attention-at-16x16`).
+            cross-attention to the prompt, as SD has at its finest levels. Off in the recipe: a CPU step runs at
+            0.53 to 0.59 times its speed (`benchmarks/miniworld_build_time.py --unet-attention-at-16x16`), and a
+            build with it (2 heads at 16x16) drew stripes no more often (docs/miniworld.md).
         mixed_precision: "bf16" runs the UNet's forward and backward passes under bfloat16 autocast (weights,
             optimiser, the frozen text encoder and the loss stay float32); "no" trains in float32, as the shipped
             build did. Meant for GPU builds: on two CPU cores it gains nothing (0.93 times the recipe's speed, in a
