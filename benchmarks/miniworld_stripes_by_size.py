@@ -1,0 +1,130 @@
+"""How often MiniWorld draws `striped` at each object size, where the stripes' period differs.
+
+The renderer scales a pattern with its object but never below `renderer.PATTERN_MIN_PERIOD` (6 pixels): a small
+object's stripes have a period of 6 pixels, a medium one's 6.3 and a large one's 9.1, while the autoencoder halves
+the picture twice, so one latent cell covers 4 pixels and the finest period a 16x16 latent can hold is 8 pixels.
+If the stripe gap comes from that, the rate should climb with size. For each size this draws single striped
+objects of the classes that carry stripes, in random colours on random backgrounds, captioned by the world's own
+grammar (any surface-form group, as the UNet was trained on; only captions that name the size), and reports the share in which the detector finds
+stripes: on the renders themselves, on the autoencoder's reconstructions (the ceiling) and on each model's
+drawings (50 PNDM steps, guidance 7.5, one seed per picture). Writes `benchmarks/results/miniworld_stripes_by_size.json`.
+
+    python benchmarks/miniworld_stripes_by_size.py --model miniworld [--model DIR] [--per-size 40]
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from safetext.loading import resolve_model_name
+from safetext.miniworld.captions import caption
+from safetext.miniworld.detector import MiniWorldDetector
+from safetext.miniworld.renderer import OBJECT_EXTENT, PATTERN_MIN_PERIOD, render_many, to_pixel_values
+from safetext.miniworld.scenes import Scene, SceneObject
+from safetext.miniworld.world import BACKGROUNDS, COLOURS, SIZES, get_attribute
+
+# the renderer's stripe period for an object of this extent (renderer._pattern_mask)
+STRIPES_PER_EXTENT = 3.5
+
+
+def striped_scenes(size: str, count: int, seed: int) -> tuple[list[Scene], list[str]]:
+    rng = random.Random(f"{seed}-{size}")
+    carriers = get_attribute("striped").carriers
+    scenes, prompts = [], []
+    for _ in range(count):
+        thing = SceneObject(
+            object_class=rng.choice(carriers),
+            colour=rng.choice(sorted(COLOURS)),
+            size=size,
+            attributes=("striped",),
+        )
+        scene = Scene(background=rng.choice(sorted(BACKGROUNDS)), objects=(thing,), seed=rng.randrange(2**31))
+        # the grammar sometimes leaves the size unsaid; only prompts that name it tell the model the size
+        prompt = caption(scene, rng)
+        while not any(word in prompt.lower().split() for word in SIZES[size]):
+            prompt = caption(scene, rng)
+        scenes.append(scene)
+        prompts.append(prompt)
+    return scenes, prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, help="a MiniWorld pipeline folder or 'miniworld'")
+    parser.add_argument("--per-size", type=int, default=40, help="pictures per object size")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.per_size < 1:
+        parser.error("--per-size must be at least 1")
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(2)
+    detector = MiniWorldDetector()
+    column = detector.labels.index("striped")
+    sets = {size: striped_scenes(size, args.per_size, args.seed) for size in SIZES}
+    record = {
+        "command": "python benchmarks/miniworld_stripes_by_size.py "
+        + " ".join(f"--model {m}" for m in args.model)
+        + f" --per-size {args.per_size} --seed {args.seed}",
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "detector": detector.settings(),
+        "sizes": {
+            size: {
+                "stripe_period_px": max(OBJECT_EXTENT[size] / STRIPES_PER_EXTENT, PATTERN_MIN_PERIOD),
+                "example_prompts": prompts[:3],
+            }
+            for size, (_, prompts) in sets.items()
+        },
+        "models": {},
+    }
+    renders = {size: render_many(scenes) for size, (scenes, _) in sets.items()}
+    for size in SIZES:
+        found = detector.scores(list(map(_to_image, renders[size])))[:, column] >= detector.threshold
+        record["sizes"][size]["striped_in_renders"] = float(found.mean())
+    for name in args.model:
+        start = time.time()
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            resolve_model_name(name), use_safetensors=True, safety_checker=None
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        rates = {}
+        for size, (scenes, prompts) in sets.items():
+            with torch.no_grad():
+                pixels = to_pixel_values(renders[size])
+                decoded = pipeline.vae.decode(pipeline.vae.encode(pixels).latent_dist.mean).sample
+            reconstructions = [_to_image(x) for x in _to_uint8(decoded)]
+            generators = [torch.Generator().manual_seed(scene.seed) for scene in scenes]
+            drawings = pipeline(
+                prompts, num_inference_steps=50, guidance_scale=7.5, generator=generators, height=64, width=64
+            ).images
+            rates[size] = {
+                "striped_in_reconstructions": float(
+                    (detector.scores(reconstructions)[:, column] >= detector.threshold).mean()
+                ),
+                "striped_in_drawings": float((detector.scores(drawings)[:, column] >= detector.threshold).mean()),
+            }
+        record["models"][name] = {"by_size": rates, "seconds": round(time.time() - start, 1)}
+        print(name, json.dumps(rates))
+    record["num_threads"] = torch.get_num_threads()
+    out = Path(__file__).parent / "results" / "miniworld_stripes_by_size.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _to_uint8(pixel_values: torch.Tensor) -> np.ndarray:
+    return ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _to_image(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(array)
+
+
+if __name__ == "__main__":
+    main()
