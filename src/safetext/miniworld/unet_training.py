@@ -188,12 +188,7 @@ def train_unet(
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", finest_up),
         block_out_channels=config.block_out_channels,
         layers_per_block=config.layers_per_block,
-        # a tuple when the record was read back from JSON as a list
-        attention_head_dim=(
-            config.attention_head_dim
-            if isinstance(config.attention_head_dim, int)
-            else tuple(config.attention_head_dim)
-        ),
+        attention_head_dim=config.attention_head_dim,
         cross_attention_dim=text_encoder.config.hidden_size,
     )
     text_encoder.to(device)
