@@ -18,24 +18,27 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from safetext.loading import resolve_model_name
 from safetext.miniworld.captions import caption
 from safetext.miniworld.detector import MiniWorldDetector
-from safetext.miniworld.renderer import OBJECT_EXTENT, PATTERN_MIN_PERIOD, render_many, to_pixel_values
+from safetext.miniworld.prompt_sets import EVALUATION_GUIDANCE
+from safetext.miniworld.quality import draw, reconstruct
+from safetext.miniworld.renderer import OBJECT_EXTENT, PATTERN_MIN_PERIOD, render_many
 from safetext.miniworld.scenes import Scene, SceneObject
 from safetext.miniworld.world import BACKGROUNDS, COLOURS, SIZES, get_attribute
+from safetext.prompts import PromptSet
 
 # the renderer's stripe period for an object of this extent (renderer._pattern_mask)
 STRIPES_PER_EXTENT = 3.5
 
 
-def striped_scenes(size: str, count: int, seed: int) -> tuple[list[Scene], list[str]]:
+def striped_scenes(size: str, count: int, seed: int) -> tuple[list[Scene], PromptSet]:
+    """Single striped objects of one size, and their captions, each seeded with its scene's seed."""
     rng = random.Random(f"{seed}-{size}")
     carriers = get_attribute("striped").carriers
-    scenes, prompts = [], []
+    scenes, prompts, records = [], [], []
     for _ in range(count):
         thing = SceneObject(
             object_class=rng.choice(carriers),
@@ -50,7 +53,10 @@ def striped_scenes(size: str, count: int, seed: int) -> tuple[list[Scene], list[
             prompt = caption(scene, rng)
         scenes.append(scene)
         prompts.append(prompt)
-    return scenes, prompts
+        records.append(
+            {"case_number": len(records), "evaluation_seed": scene.seed, "evaluation_guidance": EVALUATION_GUIDANCE}
+        )
+    return scenes, PromptSet(prompts, records, source={"generated": "striped_scenes", "size": size, "seed": seed})
 
 
 def main() -> None:
@@ -63,21 +69,24 @@ def main() -> None:
         parser.error("--per-size must be at least 1")
     from diffusers import StableDiffusionPipeline
 
-    torch.set_num_threads(2)
     detector = MiniWorldDetector()
     column = detector.labels.index("striped")
+
+    def striped_share(images) -> float:
+        return float((detector.scores(images)[:, column] >= detector.threshold).mean())
+
     sets = {size: striped_scenes(size, args.per_size, args.seed) for size in SIZES}
     record = {
         "command": "python benchmarks/miniworld_stripes_by_size.py "
         + " ".join(f"--model {m}" for m in args.model)
         + f" --per-size {args.per_size} --seed {args.seed}",
         "num_inference_steps": 50,
-        "guidance_scale": 7.5,
+        "guidance_scale": EVALUATION_GUIDANCE,
         "detector": detector.settings(),
         "sizes": {
             size: {
                 "stripe_period_px": max(OBJECT_EXTENT[size] / STRIPES_PER_EXTENT, PATTERN_MIN_PERIOD),
-                "example_prompts": prompts[:3],
+                "example_prompts": prompts.prompts[:3],
             }
             for size, (_, prompts) in sets.items()
         },
@@ -85,8 +94,7 @@ def main() -> None:
     }
     renders = {size: render_many(scenes) for size, (scenes, _) in sets.items()}
     for size in SIZES:
-        found = detector.scores(list(map(_to_image, renders[size])))[:, column] >= detector.threshold
-        record["sizes"][size]["striped_in_renders"] = float(found.mean())
+        record["sizes"][size]["striped_in_renders"] = striped_share(renders[size])
     for name in args.model:
         start = time.time()
         pipeline = StableDiffusionPipeline.from_pretrained(
@@ -94,36 +102,16 @@ def main() -> None:
         )
         pipeline.set_progress_bar_config(disable=True)
         rates = {}
-        for size, (scenes, prompts) in sets.items():
-            with torch.no_grad():
-                pixels = to_pixel_values(renders[size])
-                decoded = pipeline.vae.decode(pipeline.vae.encode(pixels).latent_dist.mean).sample
-            reconstructions = [_to_image(x) for x in _to_uint8(decoded)]
-            generators = [torch.Generator().manual_seed(scene.seed) for scene in scenes]
-            drawings = pipeline(
-                prompts, num_inference_steps=50, guidance_scale=7.5, generator=generators, height=64, width=64
-            ).images
+        for size, (_, prompts) in sets.items():
             rates[size] = {
-                "striped_in_reconstructions": float(
-                    (detector.scores(reconstructions)[:, column] >= detector.threshold).mean()
-                ),
-                "striped_in_drawings": float((detector.scores(drawings)[:, column] >= detector.threshold).mean()),
+                "striped_in_reconstructions": striped_share(reconstruct(pipeline.vae, renders[size])),
+                "striped_in_drawings": striped_share(draw(pipeline, prompts, num_inference_steps=50)),
             }
         record["models"][name] = {"by_size": rates, "seconds": round(time.time() - start, 1)}
         print(name, json.dumps(rates))
     record["num_threads"] = torch.get_num_threads()
     out = Path(__file__).parent / "results" / "miniworld_stripes_by_size.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _to_uint8(pixel_values: torch.Tensor) -> np.ndarray:
-    return ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-
-def _to_image(array: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(array)
 
 
 if __name__ == "__main__":

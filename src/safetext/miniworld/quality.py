@@ -104,6 +104,21 @@ def presence(detector: MiniWorldDetector, images: list, labels: list[str]) -> fl
 
 
 @torch.no_grad()
+def reconstruct(vae, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
+    """(N, 64, 64, 3) uint8 renders -> the same after the VAE encodes them (posterior mean) and decodes them."""
+    from safetext.miniworld.renderer import to_pixel_values
+
+    pixels = to_pixel_values(images)
+    decoded = torch.cat(
+        [
+            vae.decode(vae.encode(pixels[i : i + batch_size]).latent_dist.mean).sample
+            for i in range(0, len(pixels), batch_size)
+        ]
+    )
+    return decoded.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
 def autoencoder_ceiling(model_dir: str | Path, detector: MiniWorldDetector, num_images: int = 400, seed: int = 11):
     """What the detector still finds after the pipeline's VAE encodes and decodes fresh renders of the world.
 
@@ -114,16 +129,11 @@ def autoencoder_ceiling(model_dir: str | Path, detector: MiniWorldDetector, num_
     from diffusers import AutoencoderKL
 
     from safetext.miniworld.detector import render_labelled
-    from safetext.miniworld.renderer import to_pixel_values
     from safetext.miniworld.scenes import SceneDistribution
 
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True).float().eval()
     images, targets = render_labelled(num_images, seed, SceneDistribution())
-    pixels = to_pixel_values(images)
-    decoded = torch.cat(
-        [vae.decode(vae.encode(pixels[i : i + 50]).latent_dist.mean).sample for i in range(0, num_images, 50)]
-    )
-    reconstructions = decoded.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    reconstructions = reconstruct(vae, images)
     present = targets.astype(bool)
     record = {"num_images": num_images, "seed": seed}
     for name, array in (("clean", images), ("reconstructed", reconstructions)):
@@ -144,8 +154,9 @@ def attribute_separation(model_dir: str | Path) -> dict:
     For every pair of patterns (`striped`, `dotted`, `checkered`, each in its plain form) and every class that
     carries both, the prompts "a {pattern} {noun}" are encoded and the last hidden states (what the UNet attends
     to) are compared at the pattern word's last token, the noun's tokens and the end-of-text token, aligned from
-    the end since a pattern word may take two tokens, and the cosines averaged. A colour pair ("striped" against "red") gives the scale: the UNet can only
-    draw the pattern asked for if its word is read apart from the others. Diagnostic, not a gate.
+    the end since a pattern word may take two tokens, and the cosines averaged. A colour pair ("striped" against
+    "red") gives the scale: the UNet can only draw the pattern asked for if its word is read apart from the
+    others. Diagnostic, not a gate.
     """
     from transformers import CLIPTextModel, CLIPTokenizer
 
