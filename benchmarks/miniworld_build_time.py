@@ -56,13 +56,16 @@ def main() -> None:
     parser.add_argument("--unet-attention-at-16x16", action="store_true", help="attention at the UNet's finest level")
     parser.add_argument("--unet-attention-heads", help="heads per level, 16x16 first, comma-separated (e.g. 2,8,8)")
     args = parser.parse_args()
-    heads = recipe_heads = BuildConfig().unet.attention_head_dim
+    try:
+        recipe = BuildConfig(device=args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    heads = recipe.unet.attention_head_dim
     if args.unet_attention_heads:
         try:
             heads = tuple(int(count) for count in args.unet_attention_heads.split(","))
         except ValueError:
             parser.error(f"--unet-attention-heads takes comma-separated numbers, got {args.unet_attention_heads!r}")
-    recipe = BuildConfig(device=args.device)
     try:
         variant = BuildConfig(
             device=args.device,
@@ -83,7 +86,7 @@ def main() -> None:
         changes.append(f"unet-{args.unet_mixed_precision}")
     if args.unet_attention_at_16x16:
         changes.append("unet-attention-at-16x16")
-    if heads != recipe_heads:
+    if heads != recipe.unet.attention_head_dim:
         changes.append("unet-heads-" + "-".join(str(count) for count in heads))
     with tempfile.TemporaryDirectory() as folder:
         timed = _time_stages(variant, args.steps, args.device, Path(folder) / "variant")
