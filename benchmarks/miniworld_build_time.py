@@ -7,14 +7,15 @@ mini-CLIP and autoencoder just trained, which have the recipe's shapes. Prints t
 `ratio_to_budget=<x>`; writes them to `benchmarks/results/miniworld_build_time.json`.
 
 A variant of the recipe (`--autoencoder-mixed-precision bf16`: the autoencoder under bfloat16 autocast;
-`--unet-mixed-precision bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
-`--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first) is
-timed together with the recipe itself in the same run, and each stage's speed is printed as a ratio to the
-recipe's; its figures go to `miniworld_build_time-<changes>.json`. That projects time only: whether a variant reaches the recipe's quality
-takes a full build to tell.
+`--autoencoder-crop-size 32`: the autoencoder trained on 32x32 crops; `--unet-mixed-precision bf16`: the UNet so;
+`--unet-attention-at-16x16`: attention at the UNet's finest level; `--unet-attention-heads 2,8,8`: the number of
+attention heads at each level, 16x16 first) is timed together with the recipe itself in the same run, and each
+stage's speed is printed as a ratio to the recipe's; its figures go to `miniworld_build_time-<changes>.json`. That
+projects time only: whether a variant reaches the recipe's quality takes a full build to tell.
 
     python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--autoencoder-mixed-precision bf16]
-        [--unet-mixed-precision bf16] [--unet-attention-at-16x16] [--unet-attention-heads 2,8,8]
+        [--autoencoder-crop-size 32] [--unet-mixed-precision bf16] [--unet-attention-at-16x16]
+        [--unet-attention-heads 2,8,8]
 """
 
 import argparse
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps timed per stage")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autoencoder-mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--autoencoder-crop-size", type=int, help="train the autoencoder on crops of this side")
     parser.add_argument("--unet-mixed-precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--unet-attention-at-16x16", action="store_true", help="attention at the UNet's finest level")
     parser.add_argument("--unet-attention-heads", help="heads per level, 16x16 first, comma-separated (e.g. 2,8,8)")
@@ -69,7 +71,11 @@ def main() -> None:
     try:
         variant = BuildConfig(
             device=args.device,
-            autoencoder=replace(recipe.autoencoder, mixed_precision=args.autoencoder_mixed_precision),
+            autoencoder=replace(
+                recipe.autoencoder,
+                mixed_precision=args.autoencoder_mixed_precision,
+                crop_size=args.autoencoder_crop_size,
+            ),
             unet=replace(
                 recipe.unet,
                 mixed_precision=args.unet_mixed_precision,
@@ -82,6 +88,8 @@ def main() -> None:
     changes = []
     if args.autoencoder_mixed_precision != "no":
         changes.append(f"autoencoder-{args.autoencoder_mixed_precision}")
+    if args.autoencoder_crop_size is not None:
+        changes.append(f"autoencoder-crop-{args.autoencoder_crop_size}")
     if args.unet_mixed_precision != "no":
         changes.append(f"unet-{args.unet_mixed_precision}")
     if args.unet_attention_at_16x16:

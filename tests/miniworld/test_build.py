@@ -2,9 +2,11 @@
 
 import json
 import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import safetext
-from safetext.miniworld.autoencoder_training import AutoencoderConfig, train_autoencoder
+from safetext.miniworld.autoencoder_training import AutoencoderConfig, random_crops, train_autoencoder
 from safetext.miniworld.build import RECORD_NAME, BuildConfig, main
 from safetext.miniworld.clip_training import MiniClipConfig, contrastive_loss, train_mini_clip
 from safetext.miniworld.unet_training import UNetConfig
@@ -129,6 +131,32 @@ def test_autoencoder_trains_under_bf16_autocast_with_float32_weights_and_losses(
     assert all(math.isfinite(loss) for loss in mixed["losses"])
     vae = AutoencoderKL.from_pretrained(tmp_path / "bf16" / "vae")
     assert {p.dtype for p in vae.parameters()} == {torch.float32}
+
+
+def test_random_crops_cut_each_picture_at_its_own_seeded_place():
+    pictures = np.arange(6 * 64 * 64 * 3, dtype=np.int64).reshape(6, 64, 64, 3)
+    crops = random_crops(pictures, 32, random.Random(0))
+    assert crops.shape == (6, 32, 32, 3)
+    assert np.array_equal(crops, random_crops(pictures, 32, random.Random(0)))
+    corners = []
+    for picture, crop in zip(pictures, crops):
+        # the values are unique, so the crop's first pixel gives where it was cut; the rest must follow it
+        y, x = (int(v) for v in np.argwhere(picture[..., 0] == crop[0, 0, 0])[0])
+        assert np.array_equal(picture[y : y + 32, x : x + 32], crop)
+        corners.append((y, x))
+    assert len(set(corners)) > 1
+
+
+def test_autoencoder_trained_on_crops_encodes_and_decodes_whole_pictures(tmp_path):
+    from diffusers import AutoencoderKL
+
+    record = train_autoencoder(replace(TINY.autoencoder, crop_size=32), tmp_path)
+    assert record["config"]["crop_size"] == 32
+    assert all(math.isfinite(loss) for loss in record["losses"])
+    # the held-out error and the latent scale are measured on whole pictures
+    assert math.isfinite(record["held_out_reconstruction_l1"]) and record["latent_std"] > 0
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert vae.decode(vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()).sample.shape == (1, 3, 64, 64)
 
 
 def test_mini_clip_records_its_hard_negatives_and_can_train_without_them(tmp_path):
@@ -347,6 +375,9 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: AutoencoderConfig(block_out_channels=(32, 48, 64), norm_num_groups=32), "multiples of norm_num"),
         (lambda: AutoencoderConfig(train_batch_size=64, num_pictures=32), "num_pictures must be at least"),
         (lambda: AutoencoderConfig(mixed_precision="fp16"), "mixed_precision must be 'no' or 'bf16'"),
+        (lambda: AutoencoderConfig(crop_size=28), "crop_size must be None or a multiple of 4 from 32 to 64"),
+        (lambda: AutoencoderConfig(crop_size=34), "crop_size must be None or a multiple of 4 from 32 to 64"),
+        (lambda: AutoencoderConfig(crop_size=68), "crop_size must be None or a multiple of 4 from 32 to 64"),
         (lambda: UNetConfig(snr_gamma=0.0), "snr_gamma"),
         (lambda: UNetConfig(mixed_precision="fp16"), "mixed_precision must be 'no' or 'bf16'"),
         (lambda: UNetConfig(num_scenes=0), "num_scenes"),

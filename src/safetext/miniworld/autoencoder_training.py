@@ -23,7 +23,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
 from safetext.miniworld.progress import log_progress
-from safetext.miniworld.renderer import render, render_many, to_pixel_values
+from safetext.miniworld.renderer import IMAGE_SIZE, render, render_many, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ class AutoencoderConfig:
             AVX512-BF16 a step of the recipe ran 2.3 times faster under bf16
             (`benchmarks/miniworld_build_time.py --autoencoder-mixed-precision bf16`), and learnt as well over a
             short schedule (`benchmarks/miniworld_autoencoder_precision.py`); no full build has used it yet.
+        crop_size: side of the square crops the autoencoder trains on, taken at a random place in each picture of the
+            batch; None trains on the whole 64x64 pictures, as the shipped build did. The networks are convolutional,
+            so a model trained on crops encodes and decodes whole pictures, as SD's VAE, trained on 256x256 crops,
+            serves 512x512 pictures. A 32x32 crop costs about a quarter of a picture. It must be a multiple of 4
+            (the latent's cell) from 32 (the smallest input AlexNet's LPIPS takes) to 64.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
 
@@ -73,11 +78,16 @@ class AutoencoderConfig:
     num_scaling_images: int = 256
     seed: int = 0
     mixed_precision: str = "no"
+    crop_size: int | None = None
     num_threads: int = 2
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.crop_size is not None and (self.crop_size % 4 or not 32 <= self.crop_size <= IMAGE_SIZE):
+            raise ValueError(
+                f"crop_size must be None or a multiple of 4 from 32 to {IMAGE_SIZE}, got {self.crop_size}"
+            )
         if len(self.block_out_channels) != 3 or min(self.block_out_channels) < 1:
             raise ValueError(
                 f"block_out_channels must be three positive widths (64 -> 16), got {self.block_out_channels}"
@@ -112,6 +122,13 @@ def _sample_pictures(rng: random.Random, batch_size: int) -> torch.Tensor:
     return to_pixel_values(images)
 
 
+def random_crops(pictures: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
+    """One `size` x `size` crop of each (N, H, W, C) picture, each at its own place drawn from `rng`."""
+    height, width = pictures.shape[1:3]
+    corners = [(rng.randrange(height - size + 1), rng.randrange(width - size + 1)) for _ in range(len(pictures))]
+    return np.stack([picture[y : y + size, x : x + size] for picture, (y, x) in zip(pictures, corners)])
+
+
 def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path, device: str = "cpu") -> dict:
     """Trains the autoencoder on a pool of renders and writes it as `output_dir/vae/` (diffusers layout, safetensors).
 
@@ -142,7 +159,7 @@ def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path, device:
         norm_num_groups=config.norm_num_groups,
         layers_per_block=config.layers_per_block,
         latent_channels=config.latent_channels,
-        sample_size=64,
+        sample_size=IMAGE_SIZE,
     )
     vae.to(device)
     perceptual = None
@@ -167,7 +184,8 @@ def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path, device:
     progress = tqdm(range(config.max_train_steps), desc="autoencoder", disable=None)
     for step in progress:
         indices = order[step * config.train_batch_size : (step + 1) * config.train_batch_size]
-        pixel_values = to_pixel_values(pool[indices]).to(device)
+        pictures = pool[indices] if config.crop_size is None else random_crops(pool[indices], config.crop_size, rng)
+        pixel_values = to_pixel_values(pictures).to(device)
         with autocast:
             moments = vae.encode(pixel_values).latent_dist.parameters
         # the posterior, its sample and every loss in float32, whatever the network ran in
