@@ -69,6 +69,7 @@ def test_single_object_prompts_name_one_class_and_no_attribute():
 
 def test_quality_gates_are_measured_and_written_into_the_model_card(quick, capsys):
     record = measure_quality(quick, num_inference_steps=1, per_class=1, detector_images=24)
+    assert record["command"] == f"safetext miniworld quality --model {quick} --steps 1 --per-class 1"
     names = [gate["name"] for gate in record["gates"]]
     assert sum(name.startswith("detector accuracy") for name in names) == len(
         record["detector_evaluation"]["per_label"]
@@ -90,6 +91,19 @@ def test_quality_gates_are_measured_and_written_into_the_model_card(quick, capsy
     # the text encoder's reading of the pattern words is recorded and written into the card
     assert all(pair in card for pair in record["attribute_separation"]["pairs"])
     assert json.loads((quick / "quality.json").read_text())["settings"]["num_inference_steps"] == 1
+
+
+def test_the_quality_record_names_the_shipped_model_by_its_name_not_its_folder(quick, shipped_at):
+    from safetext.miniworld.quality import _command
+
+    shipped_at(quick)
+    # the command a reader can run anywhere, not the folder the package happened to be installed in
+    assert _command(quick, 50, 20, "cpu") == "safetext miniworld quality --model miniworld"
+    assert _command(quick, 50, 20, "cuda") == "safetext miniworld quality --model miniworld --device cuda"
+    assert (
+        _command(quick.parent / "other", 50, 20, "cpu")
+        == f"safetext miniworld quality --model {quick.parent / 'other'}"
+    )
 
 
 def test_quality_refuses_a_folder_that_is_not_miniworld(tmp_path, capsys):

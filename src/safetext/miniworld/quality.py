@@ -196,6 +196,18 @@ def attribute_separation(model_dir: str | Path) -> dict:
     return record
 
 
+def _command(model_dir: str | Path, num_inference_steps: int, per_class: int, device: str) -> str:
+    """The command line that measures these settings, naming the shipped model `miniworld` rather than by the
+    folder it happens to be installed in, and giving only the options that differ from their defaults."""
+    from safetext.miniworld.model import MODEL_DIR
+
+    model = "miniworld" if Path(model_dir).resolve() == MODEL_DIR.resolve() else str(model_dir)
+    command = f"safetext miniworld quality --model {model}"
+    for option, value, default in (("steps", num_inference_steps, 50), ("per-class", per_class, 20)):
+        command += f" --{option} {value}" if value != default else ""
+    return command + (f" --device {device}" if device != "cpu" else "")
+
+
 def _gate(name: str, value: float, required: float) -> dict:
     return {"name": name, "value": value, "required": required, "passed": bool(value >= required)}
 
@@ -251,7 +263,7 @@ def measure_quality(
 
     ceiling = autoencoder_ceiling(model_dir, detector)
     return {
-        "command": f"safetext miniworld quality --model {model_dir}",
+        "command": _command(model_dir, num_inference_steps, per_class, device),
         "settings": {
             "num_inference_steps": num_inference_steps,
             "guidance_scale": EVALUATION_GUIDANCE,
