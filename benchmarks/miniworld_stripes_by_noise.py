@@ -3,15 +3,16 @@
 The shipped model draws `striped` in about 60% of pictures although its autoencoder keeps stripes in over 90% of
 reconstructions. This asks where along the sampling path they go. Single striped objects are rendered (sizes,
 classes, colours and captions as in `miniworld_stripes_by_size.py`), encoded, noised to a fraction `strength` of
-the schedule and denoised from there with their caption (diffusers' `StableDiffusionImg2ImgPipeline` on the
-model's own components: 50 PNDM steps scaled by the strength, guidance 7.5, one seed per picture), so that
-everything above that noise level is given and everything below it is the UNet's work. Strength 1 starts from
-(almost) pure noise, as text-to-image does. For each strength it reports the share of pictures in which the
+the schedule and denoised from there with their caption (diffusers' `StableDiffusionImg2ImgPipeline`: guidance 7.5,
+one seed per picture, DDIM over the strength's share of 50 steps), so that everything above that noise level is
+given and everything below it is the UNet's work. Strength 1 starts from (almost) pure noise, as text-to-image does.
+DDIM, not the pipeline's PNDM: PNDM's schedule repeats its first timestep for its warm-up, and img2img, which
+slices the schedule, then runs every later step one step behind the latents' true noise level. For each strength it reports the share of pictures in which the
 detector finds stripes, and the share in which it finds the object's class. If stripes survive light noise but
 not heavy, the UNet fails to lay them out; if they are lost even from light noise, it fails to finish them.
 Writes `benchmarks/results/miniworld_stripes_by_noise.json`.
 
-    python benchmarks/miniworld_stripes_by_noise.py --model miniworld [--model DIR] [--per-size 20]
+    python benchmarks/miniworld_stripes_by_noise.py --model miniworld [--model DIR] [--per-size 20] [--seed 0]
 """
 
 import argparse
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from miniworld_stripes_by_size import striped_scenes
+from safetext.errors import SafeTextError
 from safetext.loading import resolve_model_name
 from safetext.miniworld.detector import MiniWorldDetector
 from safetext.miniworld.prompt_sets import EVALUATION_GUIDANCE
@@ -59,7 +61,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.per_size < 1:
         parser.error("--per-size must be at least 1")
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    folders = {}
+    for name in args.model:
+        try:
+            folders[name] = resolve_model_name(name)
+        except SafeTextError as error:
+            parser.error(str(error))
+        if not (Path(folders[name]) / "model_index.json").is_file():
+            parser.error(f"{name} is not a pipeline folder (no model_index.json)")
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
     detector = MiniWorldDetector()
     sets = [striped_scenes(size, args.per_size, args.seed) for size in SIZES]
@@ -86,6 +96,7 @@ def main() -> None:
         + f" --per-size {args.per_size} --seed {args.seed}",
         "pictures": len(scenes),
         "num_inference_steps": STEPS,
+        "scheduler": "DDIMScheduler",
         "guidance_scale": EVALUATION_GUIDANCE,
         "detector": detector.settings(),
         "in_renders": shares(renders),
@@ -95,10 +106,11 @@ def main() -> None:
     print(f"renders: {record['in_renders']}")
     for name in args.model:
         start = time.time()
-        components = StableDiffusionPipeline.from_pretrained(
-            resolve_model_name(name), use_safetensors=True, safety_checker=None
-        ).components
-        pipeline = StableDiffusionImg2ImgPipeline(**components)
+        pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(
+            folders[name], use_safetensors=True, safety_checker=None
+        )
+        # clip_sample off, as in SD's own DDIM config: the scaled latents are not bounded to [-1, 1]
+        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)
         pipeline.set_progress_bar_config(disable=True)
         by_strength = {}
         for strength in STRENGTHS:
