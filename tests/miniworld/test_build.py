@@ -151,8 +151,10 @@ def test_autoencoder_trained_on_crops_encodes_and_decodes_whole_pictures(tmp_pat
     from diffusers import AutoencoderKL
 
     record = train_autoencoder(replace(TINY.autoencoder, crop_size=32), tmp_path)
-    assert record["config"]["crop_size"] == 32
     assert all(math.isfinite(loss) for loss in record["losses"])
+    # the crops are drawn from the seed: the same run again learns the same; whole pictures learn otherwise
+    assert train_autoencoder(replace(TINY.autoencoder, crop_size=32), tmp_path / "again")["losses"] == record["losses"]
+    assert train_autoencoder(TINY.autoencoder, tmp_path / "whole")["losses"] != record["losses"]
     # the held-out error and the latent scale are measured on whole pictures
     assert math.isfinite(record["held_out_reconstruction_l1"]) and record["latent_std"] > 0
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
@@ -325,13 +327,26 @@ def test_an_interrupted_build_resumes_after_its_finished_stages(built, tmp_path,
 
 
 def test_a_stage_with_other_settings_is_trained_again(tmp_path):
-    from safetext.miniworld.build import STAGES_DIR, build
+    import shutil
+
+    from safetext.miniworld.build import STAGE_RECORD, STAGES_DIR, build
 
     build(tmp_path / "a", TINY, keep_stages=True)
-    (tmp_path / "b").mkdir()
-    (tmp_path / f"a-{STAGES_DIR}").rename(tmp_path / "b" / STAGES_DIR)
-    other = replace(TINY, autoencoder=replace(TINY.autoencoder, learning_rate=2e-3))
-    assert build(tmp_path / "b", other)["resumed_stages"] == ["clip"]
+    kept = tmp_path / f"a-{STAGES_DIR}"
+    # a stage trained before a setting existed has no record of it: it is read as the setting's default
+    record_path = kept / "autoencoder" / STAGE_RECORD
+    record = json.loads(record_path.read_text())
+    del record["config"]["crop_size"]
+    record_path.write_text(json.dumps(record))
+    cases = {
+        "same": (TINY, ["clip", "autoencoder"]),
+        "other learning rate": (replace(TINY, autoencoder=replace(TINY.autoencoder, learning_rate=2e-3)), ["clip"]),
+        "the missing setting changed": (replace(TINY, autoencoder=replace(TINY.autoencoder, crop_size=32)), ["clip"]),
+    }
+    for number, (case, (config, resumed)) in enumerate(cases.items()):
+        folder = tmp_path / str(number)
+        shutil.copytree(kept, folder / STAGES_DIR)
+        assert build(folder, config)["resumed_stages"] == resumed, case
 
 
 def test_min_snr_weights_follow_the_paper():

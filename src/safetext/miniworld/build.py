@@ -24,7 +24,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -161,6 +161,14 @@ def _check_autoencoder(stage_dir: Path) -> dict:
     return ceiling
 
 
+def _same_settings(recorded: dict, config) -> bool:
+    """Whether a finished stage's recorded config is `config`. A setting added to the config after the stage was
+    trained is read as its default, which keeps the behaviour of the code that trained it; compared as JSON, where
+    the record's tuples are lists."""
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    return {**defaults, **recorded} == json.loads(json.dumps(asdict(config)))
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -210,8 +218,7 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
     ):
         record_path = stages_dir / name / STAGE_RECORD
         finished = json.loads(record_path.read_text()) if record_path.is_file() else None
-        # compared as JSON, where the record's tuples are lists
-        if finished is not None and finished["config"] == json.loads(json.dumps(asdict(stage_config))):
+        if finished is not None and _same_settings(finished["config"], stage_config):
             logger.info("stage %s: reusing the finished stage in %s", name, record_path.parent)
             stages[name] = finished
             resumed.append(name)
