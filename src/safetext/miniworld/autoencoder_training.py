@@ -58,9 +58,10 @@ class AutoencoderConfig:
             short schedule (`benchmarks/miniworld_autoencoder_precision.py`); no full build has used it yet.
         crop_size: side of the square crops the autoencoder trains on, taken at a random place in each picture of the
             batch; None trains on the whole 64x64 pictures, as the shipped build did. The networks are convolutional,
-            so a model trained on crops encodes and decodes whole pictures, as SD's VAE, trained on 256x256 crops,
-            serves 512x512 pictures. A 32x32 crop costs about a quarter of a picture. It must be a multiple of 4
-            (the latent's cell) from 32 (the smallest input AlexNet's LPIPS takes) to 64.
+            so a model trained on crops encodes and decodes whole pictures, as SD's VAE, trained at 256x256, serves
+            512x512 pictures. A 32x32 crop costs about a quarter of a picture. The LPIPS term sees less context on a
+            crop: AlexNet's deeper maps are 1x1 at 32x32 (3x3 at 64x64). It must be a multiple of 4 (the latent's
+            cell) from 32 (AlexNet's smallest input is 31) to 64.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
 
@@ -123,7 +124,16 @@ def _sample_pictures(rng: random.Random, batch_size: int) -> torch.Tensor:
 
 
 def random_crops(pictures: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
-    """One `size` x `size` crop of each (N, H, W, C) picture, each at its own place drawn from `rng`."""
+    """Cuts one square crop out of each picture, each at its own place.
+
+    Args:
+        pictures: (N, H, W, C) array.
+        size: side of the crops, at most H and W.
+        rng: draws the crops' top-left corners, two numbers per picture.
+
+    Returns:
+        (N, size, size, C) array.
+    """
     height, width = pictures.shape[1:3]
     corners = [(rng.randrange(height - size + 1), rng.randrange(width - size + 1)) for _ in range(len(pictures))]
     return np.stack([picture[y : y + size, x : x + size] for picture, (y, x) in zip(pictures, corners)])

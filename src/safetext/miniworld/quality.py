@@ -35,6 +35,10 @@ QUALITY_FILE = "quality.json"
 DETECTOR_ACCURACY = 0.98
 PROMPT_FOLLOWING = 0.85
 RESTRICTED_PRESENT = 0.80
+NUM_INFERENCE_STEPS = 50
+"""Denoising steps the gates are measured at: the pipeline's default."""
+PER_CLASS = 20
+"""Single-object prompts per object class in the prompt-following gate."""
 RESTRICTED_SETS = {"train": "miniworld-train", "heldout": "miniworld-heldout", "indirect": "miniworld-indirect"}
 
 
@@ -197,13 +201,16 @@ def attribute_separation(model_dir: str | Path) -> dict:
 
 
 def _command(model_dir: str | Path, num_inference_steps: int, per_class: int, device: str) -> str:
-    """The command line that measures these settings, naming the shipped model `miniworld` rather than by the
-    folder it happens to be installed in, and giving only the options that differ from their defaults."""
+    # the shipped model by its name, not the folder this install holds it in; only options off their defaults (the
+    # command line has no option for the detector's images: the record's settings hold them)
     from safetext.miniworld.model import MODEL_DIR
 
     model = "miniworld" if Path(model_dir).resolve() == MODEL_DIR.resolve() else str(model_dir)
     command = f"safetext miniworld quality --model {model}"
-    for option, value, default in (("steps", num_inference_steps, 50), ("per-class", per_class, 20)):
+    for option, value, default in (
+        ("steps", num_inference_steps, NUM_INFERENCE_STEPS),
+        ("per-class", per_class, PER_CLASS),
+    ):
         command += f" --{option} {value}" if value != default else ""
     return command + (f" --device {device}" if device != "cpu" else "")
 
@@ -214,8 +221,8 @@ def _gate(name: str, value: float, required: float) -> dict:
 
 def measure_quality(
     model_dir: str | Path,
-    num_inference_steps: int = 50,
-    per_class: int = 20,
+    num_inference_steps: int = NUM_INFERENCE_STEPS,
+    per_class: int = PER_CLASS,
     detector_images: int = 2000,
     device: str = "cpu",
 ) -> dict:
@@ -290,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Measure MiniWorld's quality gates and record them in its folder.")
     parser.add_argument("--model", default=str(MODEL_DIR), help="MiniWorld pipeline folder (the shipped one)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (the pipeline's default, 50)")
-    parser.add_argument("--per-class", type=int, default=20, help="single-object prompts per object class")
+    parser.add_argument(
+        "--steps", type=int, default=NUM_INFERENCE_STEPS, help="denoising steps (the pipeline's default)"
+    )
+    parser.add_argument("--per-class", type=int, default=PER_CLASS, help="single-object prompts per object class")
     parser.add_argument("--device", default="cpu", help="where the pipeline draws: cpu or cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
