@@ -24,9 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from miniworld_stripes_by_size import striped_scenes
-from safetext.errors import SafeTextError
-from safetext.loading import resolve_model_name
+from miniworld_stripes_by_size import pipeline_folders, striped_scenes
 from safetext.miniworld.detector import MiniWorldDetector
 from safetext.miniworld.prompt_sets import EVALUATION_GUIDANCE
 from safetext.miniworld.renderer import render_many
@@ -61,14 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.per_size < 1:
         parser.error("--per-size must be at least 1")
-    folders = {}
-    for name in args.model:
-        try:
-            folders[name] = resolve_model_name(name)
-        except SafeTextError as error:
-            parser.error(str(error))
-        if not (Path(folders[name]) / "model_index.json").is_file():
-            parser.error(f"{name} is not a pipeline folder (no model_index.json)")
+    folders = pipeline_folders(parser, args.model)
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
     detector = MiniWorldDetector()

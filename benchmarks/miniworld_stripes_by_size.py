@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from safetext.errors import SafeTextError
 from safetext.loading import resolve_model_name
 from safetext.miniworld.captions import caption
 from safetext.miniworld.detector import MiniWorldDetector
@@ -59,6 +60,19 @@ def striped_scenes(size: str, count: int, seed: int) -> tuple[list[Scene], Promp
     return scenes, PromptSet(prompts, records, source={"generated": "striped_scenes", "size": size, "seed": seed})
 
 
+def pipeline_folders(parser: argparse.ArgumentParser, names: list[str]) -> dict:
+    """The pipeline folder of each `--model` name, or one argparse error line for a name that is none."""
+    folders = {}
+    for name in names:
+        try:
+            folders[name] = resolve_model_name(name)
+        except SafeTextError as error:
+            parser.error(str(error))
+        if not (Path(folders[name]) / "model_index.json").is_file():
+            parser.error(f"{name} is not a pipeline folder (no model_index.json)")
+    return folders
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="a MiniWorld pipeline folder or 'miniworld'")
@@ -67,6 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.per_size < 1:
         parser.error("--per-size must be at least 1")
+    folders = pipeline_folders(parser, args.model)
     from diffusers import StableDiffusionPipeline
 
     detector = MiniWorldDetector()
@@ -97,9 +112,7 @@ def main() -> None:
         record["sizes"][size]["striped_in_renders"] = striped_share(renders[size])
     for name in args.model:
         start = time.time()
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            resolve_model_name(name), use_safetensors=True, safety_checker=None
-        )
+        pipeline = StableDiffusionPipeline.from_pretrained(folders[name], use_safetensors=True, safety_checker=None)
         pipeline.set_progress_bar_config(disable=True)
         rates = {}
         for size, (_, prompts) in sets.items():
