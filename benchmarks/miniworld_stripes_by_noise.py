@@ -2,20 +2,19 @@
 
 The shipped model draws `striped` in about 60% of pictures although its autoencoder keeps stripes in over 90% of
 reconstructions. This asks where along the sampling path they go. Single striped objects are rendered (sizes,
-classes, colours and captions as in `miniworld_stripes_by_size.py`), encoded, noised to a fraction `strength` of
-the schedule and denoised from there with their caption (diffusers' `StableDiffusionImg2ImgPipeline`: guidance 7.5,
-one seed per picture, DDIM over the strength's share of 50 steps), so that everything above that noise level is
-given and everything below it is the UNet's work. Strength 1 starts from (almost) pure noise, as text-to-image does.
-DDIM, not the pipeline's PNDM: PNDM's schedule repeats its first timestep for its warm-up, and img2img, which
-slices the schedule, then runs every later step one step behind the latents' true noise level. For each strength it reports the share of pictures in which the
-detector finds stripes, and the share in which it finds the object's class. If stripes survive light noise but
-not heavy, the UNet fails to lay them out; if they are lost even from light noise, it fails to finish them.
-Writes `benchmarks/results/miniworld_stripes_by_noise.json`.
+classes, colours and captions as in `miniworld_stripes_by_size.py`), encoded, noised to a fraction `strength` of the
+schedule and denoised from there with their caption (diffusers' `StableDiffusionImg2ImgPipeline`: guidance 7.5, one
+seed per picture, DDIM over the strength's share of 50 steps), so that everything above that noise level is given
+and everything below it is the UNet's work. Strength 1 starts from (almost) pure noise, as text-to-image does. DDIM,
+not the pipeline's PNDM: PNDM's schedule repeats its first timestep for its warm-up, and img2img, which slices the
+schedule, then runs every later step one step behind the latents' true noise level. For each strength it reports the
+share of pictures in which the detector finds stripes, and the share in which it finds the object's class. If
+stripes survive light noise but not heavy, the UNet fails to lay them out; if they are lost even from light noise,
+it fails to finish them. Writes `benchmarks/results/miniworld_stripes_by_noise.json`.
 
     python benchmarks/miniworld_stripes_by_noise.py --model miniworld [--model DIR] [--per-size 20] [--seed 0]
 """
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from miniworld_stripes_by_size import pipeline_folders, striped_scenes
+from miniworld_stripes_by_size import parse_arguments, striped_scenes
 from safetext.miniworld.detector import MiniWorldDetector
 from safetext.miniworld.prompt_sets import EVALUATION_GUIDANCE
 from safetext.miniworld.renderer import render_many
@@ -52,14 +51,7 @@ def denoise_from(pipeline, renders: np.ndarray, prompts, strength: float, batch_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, help="a MiniWorld pipeline folder or 'miniworld'")
-    parser.add_argument("--per-size", type=int, default=20, help="pictures per object size")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.per_size < 1:
-        parser.error("--per-size must be at least 1")
-    folders = pipeline_folders(parser, args.model)
+    args, folders, command = parse_arguments(__doc__.splitlines()[0], default_per_size=20)
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
     detector = MiniWorldDetector()
@@ -82,9 +74,7 @@ def main() -> None:
         }
 
     record = {
-        "command": "python benchmarks/miniworld_stripes_by_noise.py "
-        + " ".join(f"--model {m}" for m in args.model)
-        + f" --per-size {args.per_size} --seed {args.seed}",
+        "command": command,
         "pictures": len(scenes),
         "num_inference_steps": STEPS,
         "scheduler": "DDIMScheduler",

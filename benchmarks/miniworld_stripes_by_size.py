@@ -2,12 +2,13 @@
 
 The renderer scales a pattern with its object but never below `renderer.PATTERN_MIN_PERIOD` (6 pixels): a small
 object's stripes have a period of 6 pixels, a medium one's 6.3 and a large one's 9.1, while the autoencoder halves
-the picture twice, so one latent cell covers 4 pixels and the finest period a 16x16 latent can hold is 8 pixels.
-If the stripe gap comes from that, the rate should climb with size. For each size this draws single striped
-objects of the classes that carry stripes, in random colours on random backgrounds, captioned by the world's own
-grammar (any surface-form group, as the UNet was trained on; only captions that name the size), and reports the share in which the detector finds
-stripes: on the renders themselves, on the autoencoder's reconstructions (the ceiling) and on each model's
-drawings (50 PNDM steps, guidance 7.5, one seed per picture). Writes `benchmarks/results/miniworld_stripes_by_size.json`.
+the picture twice, so one latent cell covers 4 pixels and the finest period a 16x16 latent can hold is 8 pixels. If
+the stripe gap comes from that, the rate should climb with size. For each size this draws single striped objects of
+the classes that carry stripes, in random colours on random backgrounds, captioned by the world's own grammar (any
+surface-form group, as the UNet was trained on; only captions that name the size), and reports the share in which
+the detector finds stripes: on the renders themselves, on the autoencoder's reconstructions (the ceiling) and on
+each model's drawings (50 PNDM steps, guidance 7.5, one seed per picture). Writes
+`benchmarks/results/miniworld_stripes_by_size.json`.
 
     python benchmarks/miniworld_stripes_by_size.py --model miniworld [--model DIR] [--per-size 40]
 """
@@ -60,28 +61,30 @@ def striped_scenes(size: str, count: int, seed: int) -> tuple[list[Scene], Promp
     return scenes, PromptSet(prompts, records, source={"generated": "striped_scenes", "size": size, "seed": seed})
 
 
-def pipeline_folders(parser: argparse.ArgumentParser, names: list[str]) -> dict:
-    """The pipeline folder of each `--model` name, or one argparse error line for a name that is none."""
+def parse_arguments(description: str, default_per_size: int) -> tuple[argparse.Namespace, dict, str]:
+    """The command line the stripe benchmarks share: its arguments, the pipeline folder of each `--model` name, and
+    the command as it is recorded. A bad value is one argparse error line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", action="append", required=True, help="a MiniWorld pipeline folder or 'miniworld'")
+    parser.add_argument("--per-size", type=int, default=default_per_size, help="pictures per object size")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.per_size < 1:
+        parser.error("--per-size must be at least 1")
     folders = {}
-    for name in names:
+    for name in args.model:
         try:
             folders[name] = resolve_model_name(name)
         except SafeTextError as error:
             parser.error(str(error))
         if not (Path(folders[name]) / "model_index.json").is_file():
             parser.error(f"{name} is not a pipeline folder (no model_index.json)")
-    return folders
+    command = f"python benchmarks/{parser.prog} " + " ".join(f"--model {name}" for name in args.model)
+    return args, folders, command + f" --per-size {args.per_size} --seed {args.seed}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, help="a MiniWorld pipeline folder or 'miniworld'")
-    parser.add_argument("--per-size", type=int, default=40, help="pictures per object size")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.per_size < 1:
-        parser.error("--per-size must be at least 1")
-    folders = pipeline_folders(parser, args.model)
+    args, folders, command = parse_arguments(__doc__.splitlines()[0], default_per_size=40)
     from diffusers import StableDiffusionPipeline
 
     detector = MiniWorldDetector()
@@ -92,9 +95,7 @@ def main() -> None:
 
     sets = {size: striped_scenes(size, args.per_size, args.seed) for size in SIZES}
     record = {
-        "command": "python benchmarks/miniworld_stripes_by_size.py "
-        + " ".join(f"--model {m}" for m in args.model)
-        + f" --per-size {args.per_size} --seed {args.seed}",
+        "command": command,
         "num_inference_steps": 50,
         "guidance_scale": EVALUATION_GUIDANCE,
         "detector": detector.settings(),
