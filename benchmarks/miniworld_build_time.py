@@ -6,15 +6,16 @@ measured seconds per step; the pools' rendering and encoding are left out. The U
 mini-CLIP and autoencoder just trained, which have the recipe's shapes. Prints the figures and, as its last line,
 `ratio_to_budget=<x>`; writes them to `benchmarks/results/miniworld_build_time.json`.
 
-A variant of the recipe (`--autoencoder-mixed-precision bf16`: the autoencoder under bfloat16 autocast;
-`--autoencoder-crop-size 32`: the autoencoder trained on 32x32 crops; `--unet-mixed-precision bf16`: the UNet so;
-`--unet-attention-at-16x16`: attention at the UNet's finest level; `--unet-attention-heads 2,8,8`: the number of
-attention heads at each level, 16x16 first) is timed together with the recipe itself in the same run, and each
-stage's speed is printed as a ratio to the recipe's; its figures go to `miniworld_build_time-<changes>.json`. That
-projects time only: whether a variant reaches the recipe's quality takes a full build to tell.
+A variant of the recipe (`--autoencoder-mixed-precision no|bf16`: the autoencoder in float32 or under bfloat16
+autocast; `--autoencoder-crop-size 32|none`: the autoencoder trained on 32x32 crops or on whole pictures;
+`--unet-mixed-precision no|bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
+`--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; an option not given keeps
+the recipe's setting) is timed together with the recipe itself in the same run, and each stage's speed is printed
+as a ratio to the recipe's; its figures go to `miniworld_build_time-<changes>.json`, named by what differs from the
+recipe. That projects time only: whether a variant reaches the recipe's quality takes a full build to tell.
 
-    python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--autoencoder-mixed-precision bf16]
-        [--autoencoder-crop-size 32] [--unet-mixed-precision bf16] [--unet-attention-at-16x16]
+    python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--autoencoder-mixed-precision no|bf16]
+        [--autoencoder-crop-size 32|none] [--unet-mixed-precision no|bf16] [--unet-attention-at-16x16]
         [--unet-attention-heads 2,8,8]
 """
 
@@ -48,13 +49,47 @@ def _time_stages(recipe: BuildConfig, steps: int, device: str, folder: Path) -> 
     }
 
 
+def _crop_size(text: str) -> tuple[int | None]:
+    """`--autoencoder-crop-size`'s value: a side, or 'none' for whole pictures (in a tuple, since None is its own
+    value here and not 'not given')."""
+    if text.lower() == "none":
+        return (None,)
+    try:
+        return (int(text),)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a side in pixels or 'none', got {text!r}") from None
+
+
+def _changes(recipe: BuildConfig, variant: BuildConfig) -> list[str]:
+    """How the variant differs from the recipe, in the words that name its result file."""
+    changes = []
+    if variant.autoencoder.mixed_precision != recipe.autoencoder.mixed_precision:
+        changes.append(f"autoencoder-{variant.autoencoder.mixed_precision}")
+    if variant.autoencoder.crop_size != recipe.autoencoder.crop_size:
+        crop = variant.autoencoder.crop_size
+        changes.append(f"autoencoder-crop-{crop}" if crop is not None else "autoencoder-whole-pictures")
+    if variant.unet.mixed_precision != recipe.unet.mixed_precision:
+        changes.append(f"unet-{variant.unet.mixed_precision}")
+    if variant.unet.attention_at_16x16 != recipe.unet.attention_at_16x16:
+        changes.append("unet-attention-at-16x16")
+    if variant.unet.attention_head_dim != recipe.unet.attention_head_dim:
+        heads = variant.unet.attention_head_dim
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        changes.append("unet-heads-" + "-".join(str(count) for count in heads))
+    return changes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="steps timed per stage")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--autoencoder-mixed-precision", choices=("no", "bf16"), default="no")
-    parser.add_argument("--autoencoder-crop-size", type=int, help="train the autoencoder on crops of this side")
-    parser.add_argument("--unet-mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--autoencoder-mixed-precision", choices=("no", "bf16"), help="default: the recipe's")
+    parser.add_argument(
+        "--autoencoder-crop-size",
+        type=_crop_size,
+        help="train the autoencoder on crops of this side, or 'none' for whole pictures (default: the recipe's)",
+    )
+    parser.add_argument("--unet-mixed-precision", choices=("no", "bf16"), help="default: the recipe's")
     parser.add_argument("--unet-attention-at-16x16", action="store_true", help="attention at the UNet's finest level")
     parser.add_argument("--unet-attention-heads", help="heads per level, 16x16 first, comma-separated (e.g. 2,8,8)")
     args = parser.parse_args()
@@ -68,34 +103,25 @@ def main() -> None:
             heads = tuple(int(count) for count in args.unet_attention_heads.split(","))
         except ValueError:
             parser.error(f"--unet-attention-heads takes comma-separated numbers, got {args.unet_attention_heads!r}")
+    crop_size = recipe.autoencoder.crop_size if args.autoencoder_crop_size is None else args.autoencoder_crop_size[0]
     try:
         variant = BuildConfig(
             device=args.device,
             autoencoder=replace(
                 recipe.autoencoder,
-                mixed_precision=args.autoencoder_mixed_precision,
-                crop_size=args.autoencoder_crop_size,
+                mixed_precision=args.autoencoder_mixed_precision or recipe.autoencoder.mixed_precision,
+                crop_size=crop_size,
             ),
             unet=replace(
                 recipe.unet,
-                mixed_precision=args.unet_mixed_precision,
+                mixed_precision=args.unet_mixed_precision or recipe.unet.mixed_precision,
                 attention_at_16x16=args.unet_attention_at_16x16,
                 attention_head_dim=heads,
             ),
         )
     except ValueError as error:
         parser.error(str(error))
-    changes = []
-    if args.autoencoder_mixed_precision != "no":
-        changes.append(f"autoencoder-{args.autoencoder_mixed_precision}")
-    if args.autoencoder_crop_size is not None:
-        changes.append(f"autoencoder-crop-{args.autoencoder_crop_size}")
-    if args.unet_mixed_precision != "no":
-        changes.append(f"unet-{args.unet_mixed_precision}")
-    if args.unet_attention_at_16x16:
-        changes.append("unet-attention-at-16x16")
-    if heads != recipe.unet.attention_head_dim:
-        changes.append("unet-heads-" + "-".join(str(count) for count in heads))
+    changes = _changes(recipe, variant)
     with tempfile.TemporaryDirectory() as folder:
         timed = _time_stages(variant, args.steps, args.device, Path(folder) / "variant")
         # a variant is also timed against the recipe itself in the same run: the machine's speed drifts
