@@ -26,6 +26,16 @@ def _device_name(device: dict | None) -> str:
     return f"{device['type'].upper()}, {device['cpu_threads']} thread(s)"
 
 
+def _schedule(config: dict) -> str:
+    """A stage's steps x batch, and the crops and precision it trained with where they are not the defaults."""
+    text = f"{config['max_train_steps']} x {config['train_batch_size']}"
+    if config.get("crop_size"):
+        text += f" on {config['crop_size']}x{config['crop_size']} crops"
+    if config.get("mixed_precision", "no") != "no":
+        text += f", {config['mixed_precision']} autocast"
+    return text
+
+
 def write_model_card(pipeline_dir: str | Path) -> Path:
     """Writes `README.md` of a MiniWorld pipeline folder from its `build.json` and, when present, `quality.json`.
 
@@ -64,7 +74,7 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
         else:
             parameters = f"{parameters:,}"
         lines.append(
-            f"| {name} | {parameters} | {stage['config']['max_train_steps']} x {stage['config']['train_batch_size']} | "
+            f"| {name} | {parameters} | {_schedule(stage['config'])} | "
             f"{stage['loss_first_10pct']:.4f} | {stage['loss_last_10pct']:.4f} | {stage['wall_time_s']:.0f} | "
             f"{_device_name(stage.get('device'))} |"
         )
