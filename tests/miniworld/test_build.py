@@ -349,6 +349,22 @@ def test_a_stage_with_other_settings_is_trained_again(tmp_path):
         assert build(folder, config)["resumed_stages"] == resumed, case
 
 
+def test_the_recipe_trains_the_autoencoder_on_crops_under_bf16_yet_old_records_read_as_whole_float32_pictures():
+    from dataclasses import asdict
+
+    from safetext.miniworld.build import _same_settings
+
+    recipe = BuildConfig().autoencoder
+    assert (recipe.crop_size, recipe.mixed_precision) == (32, "bf16")
+    # a stage trained before these settings existed trained on whole pictures in float32; its record (JSON) lacks
+    # them
+    old_way = replace(recipe, crop_size=None, mixed_precision="no")
+    record = json.loads(json.dumps(asdict(old_way)))
+    del record["crop_size"], record["mixed_precision"]
+    assert _same_settings(record, old_way)
+    assert not _same_settings(record, recipe)
+
+
 def test_min_snr_weights_follow_the_paper():
     from diffusers import DDPMScheduler
 

@@ -52,19 +52,19 @@ class AutoencoderConfig:
         num_scaling_images: pictures whose latents measure `scaling_factor` (1 / their standard deviation).
         seed: seed of the scenes and the initialisation.
         mixed_precision: "bf16" runs the encoder, decoder and LPIPS under bfloat16 autocast (weights, optimiser
-            and losses stay float32); "no" trains in float32, as the shipped build did. On two AMD EPYC cores with
-            AVX512-BF16 a step of the recipe ran 2.3 times faster under bf16
-            (`benchmarks/miniworld_build_time.py --autoencoder-mixed-precision bf16`), and learnt as well over a
-            short schedule (`benchmarks/miniworld_autoencoder_precision.py`); no full build has used it yet.
+            and losses stay float32), as the build's recipe (`BuildConfig`) does; "no" trains in float32, as the
+            builds before the fifth did. On two AMD EPYC cores with AVX512-BF16 a step ran 2.3 times faster under
+            bf16, and learnt as well over a short schedule (`benchmarks/miniworld_autoencoder_precision.py`).
         crop_size: side of the square crops the autoencoder trains on, taken at a random place in each picture of the
-            batch; None trains on the whole 64x64 pictures, as the shipped build did. The networks are convolutional,
-            so a model trained on crops encodes and decodes whole pictures, as SD's VAE, trained at 256x256, serves
-            512x512 pictures. A 32x32 crop costs about a quarter of a picture. The LPIPS term sees less context on a
-            crop: AlexNet's deeper maps are 1x1 at 32x32 (3x3 at 64x64). It must be a multiple of 4 (the latent's
-            cell) from 32 (AlexNet's smallest input is 31) to 64. With bf16, 32x32 crops ran the recipe's stage in
-            36 minutes on two cores (its step 9 times faster) and kept the shipped autoencoder's ceiling
-            (`benchmarks/miniworld_autoencoder_variant.py --crop-size 32 --mixed-precision bf16`, docs/miniworld.md);
-            no build has trained a UNet on such an autoencoder yet.
+            batch; None trains on the whole 64x64 pictures, as the builds before the fifth did; the build's recipe
+            uses 32. The networks are convolutional, so a model trained on crops encodes and decodes whole
+            pictures, as SD's VAE, trained at 256x256, serves 512x512 pictures. A 32x32 crop costs about a quarter
+            of a picture. The LPIPS term sees less context on a crop: AlexNet's deeper maps are 1x1 at 32x32 (3x3 at
+            64x64). It must be a multiple of 4 (the latent's cell) from 32 (AlexNet's smallest input is 31) to 64.
+            With bf16, 32x32 crops ran the stage in 36 minutes on two cores instead of about 5 hours and kept the
+            ceiling of the fourth build's whole-picture autoencoder
+            (`benchmarks/miniworld_autoencoder_variant.py --crop-size 32 --mixed-precision bf16`), and the UNet
+            trained on it drew at least as well (docs/miniworld.md, the fifth build).
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
 
