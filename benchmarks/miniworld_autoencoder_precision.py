@@ -1,11 +1,12 @@
 """Does MiniWorld's autoencoder learn as well under bfloat16 autocast as in float32, and how much faster is it?
 
-Trains the recipe's autoencoder (`AutoencoderConfig()`: its widths, batch, learning rate and losses) twice for the
-same short schedule, on the same pictures from the same initialisation, once under bf16 autocast and once in
-float32, and measures each: training loss over the last tenth of the steps, L1 on held-out renders, seconds per
-step, and the gates' ceiling (detector recall on reconstructions of fresh renders, `autoencoder_ceiling`). A short
-schedule says whether bf16 changes what the network learns, not what a full build reaches. Prints one line per
-precision and, as its last line, `speedup=<x>` (float32's seconds per step over bf16's, in the same run); writes
+Trains the recipe's autoencoder on whole pictures (`AutoencoderConfig()`: the recipe's widths, batch, learning
+rate and losses; the recipe itself also trains on 32x32 crops) twice for the same short schedule, on the same
+pictures from the same initialisation, once under bf16 autocast and once in float32, and measures each: training
+loss over the last tenth of the steps, L1 on held-out renders, seconds per step, and the gates' ceiling
+(detector recall on reconstructions of fresh renders, `autoencoder_ceiling`). A short schedule says whether bf16
+changes what the network learns, not what a full build reaches. Prints one line per precision and, as its last
+line, `speedup=<x>` (float32's seconds per step over bf16's, in the same run); writes
 `benchmarks/results/miniworld_autoencoder_precision.json`.
 
     python benchmarks/miniworld_autoencoder_precision.py [--steps 400]

@@ -1,24 +1,26 @@
-"""Does another way to train MiniWorld's autoencoder reach the shipped one's ceiling?
+"""Does another way to train MiniWorld's autoencoder reach a reference autoencoder's ceiling?
 
 Trains the recipe's autoencoder stage (`BuildConfig().autoencoder` with the build's seed: its widths, batch, steps,
 pool and losses) on whole pictures in float32, the way of the builds before the fifth, or as asked: `--crop-size 32`
 (on 32x32 crops) and/or `--mixed-precision bf16`, over the recipe's whole schedule unless `--steps` shortens it.
 Then it measures the gates' ceiling (detector recall on reconstructions of fresh renders,
-`quality.autoencoder_ceiling`) of the new autoencoder and of the shipped model's, on the same renders. The
-committed `miniworld_autoencoder-crop-32-bf16.json` compared 32x32 crops under bf16 with the fourth build's
+`quality.autoencoder_ceiling`) of the new autoencoder and of the reference, a pipeline folder's `vae/` (`--reference`,
+by default the shipped model), on the same renders. The committed `miniworld_autoencoder-crop-32-bf16.json` (whose
+keys were then `changes_from_recipe` and `shipped`) compared 32x32 crops under bf16 with the fourth build's
 autoencoder, which trained on whole pictures in float32; the fifth build, shipped since, has the autoencoder that
-run kept. The speed is `miniworld_build_time.py`'s to measure (`--autoencoder-crop-size`,
+run kept, so reproducing that record takes `--reference` a checkout of the fourth build's folder (`git archive
+7521bab src/safetext/miniworld/weights/pipeline`). The speed is `miniworld_build_time.py`'s to measure (`--autoencoder-crop-size`,
 `--autoencoder-mixed-precision`), since it times a variant and the recipe in the same run.
 
 `--keep DIR` writes the trained stage, with its `stage.json`, as soon as it is trained. Moved to `OUT/stages/
 autoencoder`, it is reused by `build.build(OUT, config)` for any `config` whose autoencoder settings are the ones
 printed, so that a UNet stage can be trained on it.
 
-Prints the ceiling per label for both, and, as its last line, `stage_minutes=<m> striped_ceiling=<new> (shipped
-<y>)`; writes `benchmarks/results/miniworld_autoencoder-<variant>.json`.
+Prints the ceiling per label for both, and, as its last line, `stage_minutes=<m> striped_ceiling=<new>
+(reference <y>)`; writes `benchmarks/results/miniworld_autoencoder-<variant>.json`.
 
     python benchmarks/miniworld_autoencoder_variant.py [--crop-size 32] [--mixed-precision bf16] [--steps 5000]
-        [--num-images 1200] [--keep DIR]
+        [--num-images 1200] [--keep DIR] [--reference DIR]
 """
 
 import argparse
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     parser.add_argument("--num-images", type=int, default=1200, help="fresh renders the ceilings are measured on")
     parser.add_argument("--keep", help="folder to write the trained stage to, as a build's stages/autoencoder")
+    parser.add_argument("--reference", default="miniworld", help="pipeline folder whose vae/ is compared with")
     args = parser.parse_args()
     recipe = BuildConfig()
     stage = replace(recipe.autoencoder, seed=recipe.seed + 1)
@@ -70,8 +73,9 @@ def main() -> None:
         parser.error(str(error))
     if args.num_images < MIN_IMAGES:
         parser.error(f"--num-images must be at least {MIN_IMAGES}, got {args.num_images}")
-    if not (MODEL_DIR / "model_index.json").is_file():
-        parser.error(f"the shipped MiniWorld model, the reference, is missing from {MODEL_DIR}")
+    reference = MODEL_DIR if args.reference == "miniworld" else Path(args.reference)
+    if not (reference / "vae").is_dir():
+        parser.error(f"the reference {args.reference} has no vae/ folder ({reference})")
     keep = Path(args.keep) if args.keep else None
     if keep is not None and keep.exists():
         parser.error(f"--keep {keep} already exists")
@@ -93,7 +97,7 @@ def main() -> None:
             write_json_atomic(keep / STAGE_RECORD, record)
         ceilings = {
             "variant": autoencoder_ceiling(trained, detector, num_images=args.num_images),
-            "shipped": autoencoder_ceiling(MODEL_DIR, detector, num_images=args.num_images),
+            "reference": autoencoder_ceiling(reference, detector, num_images=args.num_images),
         }
         if keep is not None:
             # as the build records its stage
@@ -103,6 +107,7 @@ def main() -> None:
     result = {
         "command": " ".join(["python benchmarks/miniworld_autoencoder_variant.py", *sys.argv[1:]]),
         "variant": changes,
+        "reference": args.reference,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
         "config": record["config"],
@@ -115,16 +120,16 @@ def main() -> None:
     }
     out = Path(__file__).parent / "results" / f"miniworld_autoencoder-{'-'.join(changes)}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'label':<12}{'variant':>9}{'shipped':>9}")
-    for label in recall["shipped"]:
-        print(f"{label:<12}{recall['variant'].get(label, float('nan')):>9.3f}{recall['shipped'][label]:>9.3f}")
+    print(f"{'label':<12}{'variant':>9}{'reference':>10}")
+    for label in recall["reference"]:
+        print(f"{label:<12}{recall['variant'].get(label, float('nan')):>9.3f}{recall['reference'][label]:>10.3f}")
     print(
-        f"L1 on fresh renders: variant {ceilings['variant']['l1']:.4f}, shipped {ceilings['shipped']['l1']:.4f}; "
+        f"L1 on fresh renders: variant {ceilings['variant']['l1']:.4f}, reference {ceilings['reference']['l1']:.4f}; "
         f"{record['seconds_per_step']:.2f} s per step"
     )
     print(
         f"stage_minutes={trained_seconds / 60:.1f} striped_ceiling={recall['variant']['striped']:.3f} "
-        f"(shipped {recall['shipped']['striped']:.3f})"
+        f"(reference {recall['reference']['striped']:.3f})"
     )
 
 

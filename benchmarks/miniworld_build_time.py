@@ -90,7 +90,9 @@ def main() -> None:
         help="train the autoencoder on crops of this side, or 'none' for whole pictures (default: the recipe's)",
     )
     parser.add_argument("--unet-mixed-precision", choices=("no", "bf16"), help="default: the recipe's")
-    parser.add_argument("--unet-attention-at-16x16", action="store_true", help="attention at the UNet's finest level")
+    parser.add_argument(
+        "--unet-attention-at-16x16", action="store_true", default=None, help="attention at the UNet's finest level"
+    )
     parser.add_argument("--unet-attention-heads", help="heads per level, 16x16 first, comma-separated (e.g. 2,8,8)")
     args = parser.parse_args()
     try:
@@ -101,6 +103,7 @@ def main() -> None:
     if args.unet_attention_heads:
         try:
             heads = tuple(int(count) for count in args.unet_attention_heads.split(","))
+            heads = heads[0] if len(heads) == 1 else heads
         except ValueError:
             parser.error(f"--unet-attention-heads takes comma-separated numbers, got {args.unet_attention_heads!r}")
     crop_size = recipe.autoencoder.crop_size if args.autoencoder_crop_size is None else args.autoencoder_crop_size[0]
@@ -115,7 +118,7 @@ def main() -> None:
             unet=replace(
                 recipe.unet,
                 mixed_precision=args.unet_mixed_precision or recipe.unet.mixed_precision,
-                attention_at_16x16=args.unet_attention_at_16x16,
+                attention_at_16x16=args.unet_attention_at_16x16 or recipe.unet.attention_at_16x16,
                 attention_head_dim=heads,
             ),
         )

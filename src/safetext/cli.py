@@ -285,7 +285,8 @@ def _add_miniworld(subparsers) -> None:
     p = subparsers.add_parser("miniworld", help="MiniWorld, the small text-to-image model the project trains")
     commands = p.add_subparsers(dest="miniworld_command", required=True, parser_class=_Parser)
     build = commands.add_parser(
-        "build", help="retrain MiniWorld from scratch (seeded; about 2 hours on 2 CPU cores, minutes on a GPU)"
+        "build",
+        help="retrain MiniWorld from scratch (seeded; about 2 hours on 2 CPU cores, projected; minutes on a GPU)",
     )
     build.add_argument(
         "--out",

@@ -123,7 +123,7 @@ def test_autoencoder_maps_64_pixels_to_16x16x4_latents_with_a_measured_scale(tmp
 def test_autoencoder_trains_under_bf16_autocast_with_float32_weights_and_losses(tmp_path):
     from diffusers import AutoencoderKL
 
-    full = train_autoencoder(TINY.autoencoder, tmp_path / "fp32")
+    full = train_autoencoder(replace(TINY.autoencoder, mixed_precision="no"), tmp_path / "fp32")
     mixed = train_autoencoder(replace(TINY.autoencoder, mixed_precision="bf16"), tmp_path / "bf16")
     assert mixed["config"]["mixed_precision"] == "bf16"
     # the same initialisation and pictures: the first loss differs only by bfloat16's rounding in the networks
@@ -154,7 +154,8 @@ def test_autoencoder_trained_on_crops_encodes_and_decodes_whole_pictures(tmp_pat
     assert all(math.isfinite(loss) for loss in record["losses"])
     # the crops are drawn from the seed: the same run again learns the same; whole pictures learn otherwise
     assert train_autoencoder(replace(TINY.autoencoder, crop_size=32), tmp_path / "again")["losses"] == record["losses"]
-    assert train_autoencoder(TINY.autoencoder, tmp_path / "whole")["losses"] != record["losses"]
+    whole = replace(TINY.autoencoder, crop_size=None)
+    assert train_autoencoder(whole, tmp_path / "whole")["losses"] != record["losses"]
     # the held-out error and the latent scale are measured on whole pictures
     assert math.isfinite(record["held_out_reconstruction_l1"]) and record["latent_std"] > 0
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
@@ -331,21 +332,29 @@ def test_a_stage_with_other_settings_is_trained_again(tmp_path):
 
     from safetext.miniworld.build import STAGE_RECORD, STAGES_DIR, build
 
+    old_way = replace(TINY, autoencoder=replace(TINY.autoencoder, crop_size=None, mixed_precision="no"))
     build(tmp_path / "a", TINY, keep_stages=True)
-    kept = tmp_path / f"a-{STAGES_DIR}"
-    # a stage trained before a setting existed has no record of it: it is read as the setting's default
-    record_path = kept / "autoencoder" / STAGE_RECORD
+    build(tmp_path / "b", old_way, keep_stages=True)
+    kept, kept_old_way = tmp_path / f"a-{STAGES_DIR}", tmp_path / f"b-{STAGES_DIR}"
+    # a stage trained before a setting existed has no record of it: it is read as the setting's default, which is
+    # what the code that trained it did (whole pictures in float32)
+    record_path = kept_old_way / "autoencoder" / STAGE_RECORD
     record = json.loads(record_path.read_text())
-    del record["config"]["crop_size"]
+    del record["config"]["crop_size"], record["config"]["mixed_precision"]
     record_path.write_text(json.dumps(record))
     cases = {
-        "same": (TINY, ["clip", "autoencoder"]),
-        "other learning rate": (replace(TINY, autoencoder=replace(TINY.autoencoder, learning_rate=2e-3)), ["clip"]),
-        "the missing setting changed": (replace(TINY, autoencoder=replace(TINY.autoencoder, crop_size=32)), ["clip"]),
+        "same": (kept, TINY, ["clip", "autoencoder"]),
+        "other learning rate": (
+            kept,
+            replace(TINY, autoencoder=replace(TINY.autoencoder, learning_rate=2e-3)),
+            ["clip"],
+        ),
+        "old record, the old way": (kept_old_way, old_way, ["clip", "autoencoder"]),
+        "old record, the recipe's crops and bf16": (kept_old_way, TINY, ["clip"]),
     }
-    for number, (case, (config, resumed)) in enumerate(cases.items()):
+    for number, (case, (stages, config, resumed)) in enumerate(cases.items()):
         folder = tmp_path / str(number)
-        shutil.copytree(kept, folder / STAGES_DIR)
+        shutil.copytree(stages, folder / STAGES_DIR)
         assert build(folder, config)["resumed_stages"] == resumed, case
 
 
