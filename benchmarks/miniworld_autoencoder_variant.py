@@ -9,8 +9,9 @@ by default the shipped model), on the same renders. The committed `miniworld_aut
 keys were then `changes_from_recipe` and `shipped`) compared 32x32 crops under bf16 with the fourth build's
 autoencoder, which trained on whole pictures in float32; the fifth build, shipped since, has the autoencoder that
 run kept, so reproducing that record takes `--reference` a checkout of the fourth build's folder (`git archive
-7521bab src/safetext/miniworld/weights/pipeline`). The speed is `miniworld_build_time.py`'s to measure (`--autoencoder-crop-size`,
-`--autoencoder-mixed-precision`), since it times a variant and the recipe in the same run.
+7521bab src/safetext/miniworld/weights/pipeline`). The speed is `miniworld_build_time.py`'s to measure
+(`--autoencoder-crop-size`, `--autoencoder-mixed-precision`), since it times a variant and the recipe in the same
+run.
 
 `--keep DIR` writes the trained stage, with its `stage.json`, as soon as it is trained. Moved to `OUT/stages/
 autoencoder`, it is reused by `build.build(OUT, config)` for any `config` whose autoencoder settings are the ones
@@ -36,10 +37,11 @@ from pathlib import Path
 import torch
 
 from safetext.checkpointing import write_json_atomic
+from safetext.errors import SafeTextError
+from safetext.loading import resolve_model_name
 from safetext.miniworld.autoencoder_training import train_autoencoder
 from safetext.miniworld.build import STAGE_RECORD, BuildConfig
 from safetext.miniworld.detector import MiniWorldDetector
-from safetext.miniworld.model import MODEL_DIR
 from safetext.miniworld.quality import autoencoder_ceiling
 from safetext.provenance import device_description
 
@@ -73,7 +75,10 @@ def main() -> None:
         parser.error(str(error))
     if args.num_images < MIN_IMAGES:
         parser.error(f"--num-images must be at least {MIN_IMAGES}, got {args.num_images}")
-    reference = MODEL_DIR if args.reference == "miniworld" else Path(args.reference)
+    try:
+        reference = Path(resolve_model_name(args.reference))
+    except SafeTextError as error:
+        parser.error(str(error))
     if not (reference / "vae").is_dir():
         parser.error(f"the reference {args.reference} has no vae/ folder ({reference})")
     keep = Path(args.keep) if args.keep else None

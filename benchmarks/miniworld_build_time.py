@@ -49,13 +49,12 @@ def _time_stages(recipe: BuildConfig, steps: int, device: str, folder: Path) -> 
     }
 
 
-def _crop_size(text: str) -> tuple[int | None]:
-    """`--autoencoder-crop-size`'s value: a side, or 'none' for whole pictures (in a tuple, since None is its own
-    value here and not 'not given')."""
+def _crop_size(text: str) -> int | None:
+    """`--autoencoder-crop-size`'s value: a side, or None ('none') for whole pictures."""
     if text.lower() == "none":
-        return (None,)
+        return None
     try:
-        return (int(text),)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a side in pixels or 'none', got {text!r}") from None
 
@@ -87,6 +86,8 @@ def main() -> None:
     parser.add_argument(
         "--autoencoder-crop-size",
         type=_crop_size,
+        # absent when not given, since None is one of its values (whole pictures)
+        default=argparse.SUPPRESS,
         help="train the autoencoder on crops of this side, or 'none' for whole pictures (default: the recipe's)",
     )
     parser.add_argument("--unet-mixed-precision", choices=("no", "bf16"), help="default: the recipe's")
@@ -106,7 +107,7 @@ def main() -> None:
             heads = heads[0] if len(heads) == 1 else heads
         except ValueError:
             parser.error(f"--unet-attention-heads takes comma-separated numbers, got {args.unet_attention_heads!r}")
-    crop_size = recipe.autoencoder.crop_size if args.autoencoder_crop_size is None else args.autoencoder_crop_size[0]
+    crop_size = getattr(args, "autoencoder_crop_size", recipe.autoencoder.crop_size)
     try:
         variant = BuildConfig(
             device=args.device,

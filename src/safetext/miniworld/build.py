@@ -13,9 +13,9 @@ embedding; 14.3 MB in float16), an `AutoencoderKL` of widths (32, 64, 64) (0.95 
 `UNet2DConditionModel` of widths (64, 96, 128) (5.6 M; 11.2 MB): 28.9 MB with the tokenizer's files. The
 autoencoder trains on 32x32 crops under bfloat16 autocast, which keeps what a whole-picture float32 autoencoder
 keeps at about an eighth of the cost of a step on two CPU cores. There the recipe projects to about 2.1 hours,
-against the hour it is meant to fit (`benchmarks/miniworld_build_time.py` projects each stage from timed steps; the shipped
-build's autoencoder stage took 36 minutes and its UNet stage 71); on a GPU the first two stages take minutes. The
-shipped build's figures and the gates it misses: docs/miniworld.md.
+against the hour it is meant to fit (`benchmarks/miniworld_build_time.py` projects each stage from timed steps; the
+shipped build's autoencoder stage took 36 minutes and its UNet stage 71); on a GPU the first two stages take
+minutes. The shipped build's figures and the gates it misses: docs/miniworld.md.
 
 Finished stages are kept in `OUT/stages/` until the build ends, so a build that is stopped resumes after its last
 finished stage when run again on the same folder (a stage is reused only if its settings are the same).
