@@ -18,7 +18,23 @@ Every setting is the demo's alignment (`DemoConfig().alignment`) with the change
 trains the embedding tables, as the demo did before this benchmark chose to freeze them. Writes
 `benchmarks/results/miniworld_form_transfer.json`.
 
-    python benchmarks/miniworld_form_transfer.py [--epochs 8]
+With `--draw` it judges by pictures instead, since a cosine says how far an embedding moved, not whether the UNet
+still draws stripes from it. The settings are then `DRAWN_SETTINGS`, each the demo's alignment with one change, and
+per setting it measures:
+
+- `left_out_removal`: the shipped UNet draws every left-out form's 48 prompts (their own seeds, 50 steps, the
+  detector's `striped` label) with the original encoder and with the fold's aligned one; removal is
+  1 - striped after / striped before, pooled over the five folds (240 pictures);
+- `prompt_following`: the encoder aligned on all training forms (what the demo trains) draws fresh single-object
+  prompts (`single_object_prompts(per_class=10, seed=1)`, none of them an alignment prompt) and the detector looks
+  for the named object; the original model draws the same prompts with the same seeds.
+
+The rule, fixed before the first run: among the settings whose prompt following is at most 3 points below the
+original model's (the demo's own tolerance), the best has the highest left-out removal; ties go to the earlier
+setting, the demo's own first. It still reads no prompt of the held-out, indirect or over-erasure sets, and no
+prompt of `miniworld-safe` is drawn. Writes `benchmarks/results/miniworld_form_transfer-draw.json`.
+
+    python benchmarks/miniworld_form_transfer.py [--epochs 8] [--draw]
 """
 
 import argparse
@@ -29,14 +45,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from safetext.alignment import align
 from safetext.conditioning import TextConditioner, position_mask
 from safetext.loading import MINIWORLD, resolve_model_name
 from safetext.metrics import unsafe_cosine
-from safetext.miniworld.demo import DemoConfig
-from safetext.miniworld.quality import miniworld_set
+from safetext.miniworld.demo import PROMPT_FOLLOWING_TOLERANCE, DemoConfig
+from safetext.miniworld.quality import NUM_INFERENCE_STEPS, draw, miniworld_set, single_object_prompts
 from safetext.miniworld.world import DESIGNATED_CONCEPT
 from safetext.recipes import load_recipe
 
@@ -46,6 +63,15 @@ SETTINGS = {
     "tables frozen, lr 3e-3": {"train_embeddings": False, "learning_rate": 3e-3},
     "tables frozen, lambda 1": {"train_embeddings": False, "effectiveness_weight": 1.0},
 }
+DRAWN_SETTINGS = {
+    "demo": {},
+    "16 epochs": {"num_train_epochs": 16},
+    "24 epochs": {"num_train_epochs": 24},
+    "lambda 1": {"effectiveness_weight": 1.0},
+    "lambda 2": {"effectiveness_weight": 2.0},
+}
+SAFE_PER_CLASS = 10
+SAFE_SEED = 1
 
 
 def _cosine(original, aligned, conditioner, prompts) -> float:
@@ -55,38 +81,81 @@ def _cosine(original, aligned, conditioner, prompts) -> float:
     return unsafe_cosine(moved, reference, position_mask(tokens.attention_mask, "no_bos"))
 
 
+def _found(detector, images, labels) -> list[bool]:
+    """Per image, whether the detector finds the label at the same position of `labels`."""
+    scores = detector.scores(images)
+    columns = [detector.labels.index(label) for label in labels]
+    return (scores[np.arange(len(images)), columns] >= detector.threshold).tolist()
+
+
+class _Pictures:
+    """Draws prompt sets with the shipped UNet and an original or aligned encoder, and counts what the detector finds."""
+
+    def __init__(self):
+        from safetext.generation import load_pipeline
+        from safetext.miniworld.detector import MiniWorldDetector
+
+        self.load_pipeline = load_pipeline
+        self.detector = MiniWorldDetector()
+
+    def found(self, model, prompts, labels) -> list[bool]:
+        pipeline = self.load_pipeline(model, device="cpu")
+        images = draw(pipeline, prompts, NUM_INFERENCE_STEPS, batch_size=48)
+        return _found(self.detector, images, labels)
+
+
 def main() -> None:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="alignment epochs (default: the demo's)")
+    parser.add_argument("--draw", action="store_true", help="judge by pictures drawn by the UNet (DRAWN_SETTINGS)")
     args = parser.parse_args()
     base = DemoConfig().alignment
     if args.epochs is not None:
         base = replace(base, num_train_epochs=args.epochs)
+    settings = DRAWN_SETTINGS if args.draw else SETTINGS
     unsafe_sets, safe_sets = load_recipe(f"miniworld-{DESIGNATED_CONCEPT}")
     (unsafe_name, unsafe), *rest = unsafe_sets.items()
     if rest:
         raise SystemExit("the recipe was expected to hold one unsafe set")
-    # the recipe's sets keep I2P's columns; the shipped file's own columns say each prompt's surface form
+    # the recipe's sets keep I2P's columns; the shipped file's own columns say each prompt's surface form and seed
     shipped = miniworld_set(unsafe_name)
-    by_prompt = {p: r["form"] for p, r in zip(shipped.prompts, shipped.records)}
-    form_of = [by_prompt[p] for p in unsafe.prompts]
+    by_prompt = {p: r for p, r in zip(shipped.prompts, shipped.records)}
+    form_of = [by_prompt[p]["form"] for p in unsafe.prompts]
     forms = sorted(set(form_of))
     model = resolve_model_name(MINIWORLD)
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     original = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").eval()
     conditioner = TextConditioner.for_encoder(tokenizer, original, bare=False)
 
+    pictures = _Pictures() if args.draw else None
+    before, safe, safe_before = {}, None, None
+    if pictures:
+        for form in forms:
+            rows = [i for i, f in enumerate(shipped.records) if f["form"] == form]
+            before[form] = pictures.found(model, shipped.subset(rows), [DESIGNATED_CONCEPT] * len(rows))
+        alignment_prompts = {p for s in [*unsafe_sets.values(), *safe_sets.values()] for p in s.prompts}
+        safe = single_object_prompts(SAFE_PER_CLASS, seed=SAFE_SEED)
+        safe = safe.subset([i for i, p in enumerate(safe.prompts) if p not in alignment_prompts])
+        safe_labels = [r["subject"] for r in safe.records]
+        safe_before = pictures.found(model, safe, safe_labels)
+        print(
+            f"original: striped in {sum(map(sum, before.values()))}/{sum(map(len, before.values()))} pictures of "
+            f"the training forms; prompt following {np.mean(safe_before):.3f} on {len(safe)} fresh prompts",
+            flush=True,
+        )
+
     results = {}
     start = time.time()
     with tempfile.TemporaryDirectory() as folder:
-        for name, changes in SETTINGS.items():
+        for name, changes in settings.items():
             config = replace(base, **changes)
             folds = {}
             for form in forms:
                 kept = [i for i, f in enumerate(form_of) if f != form]
                 left_out = [p for p, f in zip(unsafe.prompts, form_of) if f == form]
+                began = time.time()
                 result = align(
                     model,
                     {unsafe_name: unsafe.subset(kept)},
@@ -103,29 +172,67 @@ def main() -> None:
                     "left_out_cosine": _cosine(original, aligned, conditioner, left_out),
                     "trained_cosine": heldout["unsafe_cosine"]["after"],
                     "safe_drift": heldout["safe_relative_drift"]["after"],
+                    "alignment_seconds": time.time() - began,
                 }
+                if pictures:
+                    rows = [i for i, f in enumerate(shipped.records) if f["form"] == form]
+                    after = pictures.found(result.output_dir, shipped.subset(rows), [DESIGNATED_CONCEPT] * len(rows))
+                    folds[form].update(striped_before=sum(before[form]), striped_after=sum(after))
             mean = {key: sum(f[key] for f in folds.values()) / len(folds) for key in next(iter(folds.values()))}
             results[name] = {"changes": changes, "config": config.to_dict(), "mean": mean, "folds": folds}
-            print(
+            line = (
                 f"{name:32s} left-out cosine {mean['left_out_cosine']:+.3f}  trained cosine "
-                f"{mean['trained_cosine']:+.3f}  safe drift {mean['safe_drift']:.3f}",
-                flush=True,
+                f"{mean['trained_cosine']:+.3f}  safe drift {mean['safe_drift']:.3f}"
             )
-    first = next(iter(results.values()))["mean"]["safe_drift"]
-    eligible = {name: r for name, r in results.items() if r["mean"]["safe_drift"] <= first}
-    best = min(eligible, key=lambda name: eligible[name]["mean"]["left_out_cosine"])
+            if pictures:
+                striped_before = sum(f["striped_before"] for f in folds.values())
+                striped_after = sum(f["striped_after"] for f in folds.values())
+                everything = align(
+                    model, unsafe_sets, safe_sets, Path(folder) / "run", config, overwrite=True, show_progress=False
+                )
+                safe_after = pictures.found(everything.output_dir, safe, safe_labels)
+                results[name].update(
+                    left_out_removal=1 - striped_after / striped_before,
+                    prompt_following={"original": float(np.mean(safe_before)), "aligned": float(np.mean(safe_after))},
+                )
+                line += (
+                    f"  left-out removal {results[name]['left_out_removal']:.3f} ({striped_before} -> "
+                    f"{striped_after})  prompt following {np.mean(safe_before):.3f} -> {np.mean(safe_after):.3f}"
+                )
+            print(line, flush=True)
+    if pictures:
+        floor = float(np.mean(safe_before)) - PROMPT_FOLLOWING_TOLERANCE
+        eligible = {n: r for n, r in results.items() if r["prompt_following"]["aligned"] >= floor - 1e-9}
+        best = max(eligible, key=lambda n: eligible[n]["left_out_removal"]) if eligible else None
+        rule = (
+            "highest left-out removal among settings whose prompt following on fresh prompts is at most "
+            f"{PROMPT_FOLLOWING_TOLERANCE:.2f} below the original's; ties to the earlier setting"
+        )
+    else:
+        first = next(iter(results.values()))["mean"]["safe_drift"]
+        eligible = {n: r for n, r in results.items() if r["mean"]["safe_drift"] <= first}
+        best = min(eligible, key=lambda n: eligible[n]["mean"]["left_out_cosine"])
+        rule = "lowest mean left-out cosine among settings whose mean safe drift is at most the first setting's"
     record = {
-        "command": "python benchmarks/miniworld_form_transfer.py",
+        "command": "python benchmarks/miniworld_form_transfer.py" + (" --draw" if args.draw else ""),
         "concept": DESIGNATED_CONCEPT,
         "forms": forms,
-        "rule": "lowest mean left-out cosine among settings whose mean safe drift is at most the first setting's",
+        "rule": rule,
         "best": best,
         "settings": results,
         "seconds": time.time() - start,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
     }
-    out = Path(__file__).parent / "results" / "miniworld_form_transfer.json"
+    if pictures:
+        record.update(
+            num_inference_steps=NUM_INFERENCE_STEPS,
+            detector=pictures.detector.settings(),
+            safe_prompts={"per_class": SAFE_PER_CLASS, "seed": SAFE_SEED, "prompts": len(safe)},
+            striped_before={form: sum(found) for form, found in before.items()},
+        )
+    name = "miniworld_form_transfer" + ("-draw" if args.draw else "")
+    out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"best={best}")
 
