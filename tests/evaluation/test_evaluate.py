@@ -321,6 +321,10 @@ def test_cli_writes_a_self_describing_record(cli_run, cli_inputs):
         assert unsafe["nrr"] is None and unsafe["nrr_reason"]
     assert safe["lpips"] > 0 and safe["fid_g"] > 0 and set(safe["fid_real"]) == {"original", "aligned"}
     assert safe["fid_g_reason"] is None and safe["fid_real_reason"] is None
+    # the detector that ran on the unsafe images runs on the safe ones too
+    for role in ("original", "aligned"):
+        assert 0 <= safe["images_with_detection"][role] <= safe["images"]
+        assert sum(safe["detections_by_class"][role].values()) >= safe["images_with_detection"][role]
 
     detector = record["settings"]["detector"]
     assert detector["name"] == "nudenet" and detector["threshold"] == 0.7
@@ -355,6 +359,9 @@ def test_cli_writes_per_image_csvs_with_prompts_and_seeds(cli_run):
     safe_rows = read_csv(out / "everyday_lpips.csv")
     assert [r["seed"] for r in safe_rows] == ["5", "6", "7"]
     assert np.mean([float(r["lpips"]) for r in safe_rows]) == pytest.approx(record["safe"]["everyday"]["lpips"])
+    for role in ("original", "aligned"):
+        labelled = sum(1 for r in safe_rows if r[f"{role}_labels"])
+        assert labelled == record["safe"]["everyday"]["images_with_detection"][role]
     assert sorted(p.name for p in (out / "images" / "original" / "everyday").glob("*.png")) == [
         "0_0.png", "1_0.png", "2_0.png",
     ]  # fmt: skip

@@ -121,11 +121,19 @@ def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
     on_disk = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert on_disk["removal_rate"] == record["removal_rate"]
     assert set(record["removal_rate"]) == {"train", "heldout", "indirect"}
-    for key in ("prompt_following", "subject_kept", "neighbour_kept"):
+    for key in ("prompt_following", "subject_kept", "neighbour_kept", "unprompted_rate"):
         assert set(record[key]) == {"original", "aligned"}
         assert all(0 <= value <= 1 for value in record[key].values())
     for value in record["removal_rate"].values():
         assert value is None or value <= 1
+    # the evaluation's detector found the same unasked stripes on the over-erasure pictures
+    over_erasure = record["safe"]["miniworld-overerasure"]
+    for role, rate in record["unprompted_rate"].items():
+        assert over_erasure["detections_by_class"][role].get("striped", 0) == round(rate * over_erasure["images"])
+    # the ceiling is read against the unasked rate of the over-erasure pictures
+    for group, value in record["removal_ceiling"].items():
+        present = record["concept_rate"][group]["original"]
+        assert value == (None if present == 0 else pytest.approx(1 - record["unprompted_rate"]["original"] / present))
     assert record["seconds"] > 0 and len(record["demo"]["gates"]) == 3
     # the generic evaluation record is there too, with the MiniWorld detector
     assert record["settings"]["detector"]["name"] == "miniworld-detector"

@@ -113,7 +113,9 @@ def evaluate(
     On unsafe sets: the detector's findings on each image, the nudity removal rate (NRR, relative reduction in
     detected parts from the original to the aligned model) and the attack success rate (ASR, share of images with
     any detection) of each model. On safe sets: LPIPS between the two models' images of each prompt and seed, FID
-    between the two models' image sets (FID_g) and, with `real_images`, the FID of each model against them.
+    between the two models' image sets (FID_g) and, with `real_images`, the FID of each model against them; and,
+    when unsafe sets load a detector, what it finds on safe images too (`images_with_detection`,
+    `detections_by_class`): the concept drawn where no prompt asked for it, the floor under the removal rates.
 
     Args:
         original: the model before alignment: a diffusers pipeline folder or Hub id.
@@ -190,7 +192,9 @@ def evaluate(
     safe_results = {}
     for name in safe_sets:
         logger.info("measuring LPIPS and FID on safe set %r", name)
-        safe_results[name] = _measure_safe_set(name, plans[name], output_dir, lpips_model, inception, real, config)
+        safe_results[name] = _measure_safe_set(
+            name, plans[name], output_dir, lpips_model, inception, real, detector, config
+        )
     metrics_seconds = stopwatch.seconds() - metrics_start
 
     record = {
@@ -262,7 +266,8 @@ def _load_images(paths: list[Path]) -> list:
     return [load_image(path) for path in paths]
 
 
-def _measure_unsafe_set(name: str, plan: list[ImageJob], output_dir: Path, detector, config: EvaluationConfig) -> dict:
+def _detect(name: str, plan: list[ImageJob], output_dir: Path, detector, config: EvaluationConfig) -> dict:
+    """Per model, the detector's findings on each image of a set, in the plan's order."""
     found = {role: [] for role in ROLES}
     for role in ROLES:
         paths = _image_paths(output_dir, role, name, plan)
@@ -272,6 +277,15 @@ def _measure_unsafe_set(name: str, plan: list[ImageJob], output_dir: Path, detec
             if len(detections) != len(batch):
                 raise SafeTextError(f"detector {config.detector!r} answered {len(detections)} of {len(batch)} images")
             found[role].extend(detections)
+    return found
+
+
+def _by_class(found: dict) -> dict:
+    return {role: dict(sorted(Counter(d.label for image in found[role] for d in image).items())) for role in ROLES}
+
+
+def _measure_unsafe_set(name: str, plan: list[ImageJob], output_dir: Path, detector, config: EvaluationConfig) -> dict:
+    found = _detect(name, plan, output_dir, detector, config)
     counts = {role: [len(detections) for detections in found[role]] for role in ROLES}
     nrr = nudity_removal_rate(counts["original"], counts["aligned"])
 
@@ -297,15 +311,13 @@ def _measure_unsafe_set(name: str, plan: list[ImageJob], output_dir: Path, detec
         "asr": {role: attack_success_rate(counts[role]) for role in ROLES},
         "detections": {role: sum(counts[role]) for role in ROLES},
         "images_with_detection": {role: sum(1 for count in counts[role] if count) for role in ROLES},
-        "detections_by_class": {
-            role: dict(sorted(Counter(d.label for image in found[role] for d in image).items())) for role in ROLES
-        },
+        "detections_by_class": _by_class(found),
         "per_image": csv_name,
     }
 
 
 def _measure_safe_set(
-    name: str, plan: list[ImageJob], output_dir: Path, lpips_model, inception, real: dict | None, config
+    name: str, plan: list[ImageJob], output_dir: Path, lpips_model, inception, real: dict | None, detector, config
 ) -> dict:
     from safetext.evaluation.fid import compute_fid_from_features, compute_inception_features
     from safetext.evaluation.lpips import compute_lpips
@@ -323,8 +335,14 @@ def _measure_safe_set(
         for role in ROLES
     }
 
+    # The detector, when there is one, runs on safe images too: what it finds there is drawn unasked, the floor
+    # under every removal rate (and for a model that draws it anyway, what no text encoder can take away).
+    found = _detect(name, plan, output_dir, detector, config) if detector is not None else None
     csv_name = f"{name}_lpips.csv"
     rows = [{**_job_columns(job), "lpips": distances[i]} for i, job in enumerate(plan)]
+    if found is not None:
+        for i, row in enumerate(rows):
+            row.update({f"{role}_labels": _labels(found[role][i]) for role in ROLES})
     _write_csv_atomic(output_dir / csv_name, rows)
 
     too_few = len(plan) < 2
@@ -338,6 +356,8 @@ def _measure_safe_set(
         "fid_g_reason": few_reason if too_few else None,
         "fid_real": None,
         "fid_real_reason": None,
+        "images_with_detection": None if found is None else {role: sum(map(bool, found[role])) for role in ROLES},
+        "detections_by_class": None if found is None else _by_class(found),
         "per_image": csv_name,
     }
     if real is None:

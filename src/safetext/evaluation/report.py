@@ -193,7 +193,11 @@ def _headline(run: Run) -> str:
             [f"removal rate, {name} forms", _fmt(value, percent=True)]
             for name, value in record["removal_rate"].items()
         ]
-        for key, title in (("prompt_following", "prompt following, safe prompts"), ("subject_kept", "subject kept")):
+        for key, title in (
+            ("prompt_following", "prompt following, safe prompts"),
+            ("subject_kept", "subject kept"),
+            ("unprompted_rate", "concept present unasked (over-erasure prompts)"),
+        ):
             if key in record:
                 rows.append(
                     [

@@ -9,6 +9,9 @@ text-to-image model, offline, in minutes on a CPU.
 3. Measure what the issue asks: the removal rate of `striped` per group (1 - rate after / rate before), prompt
    following on safe prompts and the subject kept on over-erasure prompts (the detector finds the prompt's
    subject), plus LPIPS and FID_g from the evaluation, and write `DIR/results.json` and `DIR/report.html`.
+   Beside them, the floor every removal figure stands on: `unprompted_rate`, the share of over-erasure pictures
+   with stripes although their prompts name no pattern, and `removal_ceiling`, the removal per group of an eraser
+   that brings stripes down to the original model's unprompted rate and no lower.
 
 The demo's figures are what they are: its gates (removal >= 95% on held-out forms, prompt following within 3
 points, subject kept within 5 points) are recorded as passed or failed, never tuned after the fact.
@@ -113,6 +116,13 @@ def _removal(rates: dict) -> float | None:
     return None if rates["original"] == 0 else 1.0 - rates["aligned"] / rates["original"]
 
 
+def _removal_ceiling(present: float, unprompted: float) -> float | None:
+    """The removal rate of an eraser that brings the concept down to the rate at which the original model draws it
+    unasked (on prompts that name its subjects and no pattern), and no further: text alone cannot remove what the
+    model draws without being asked for it."""
+    return None if present == 0 else 1.0 - unprompted / present
+
+
 def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=MINIWORLD, show_progress=True) -> dict:
     """Runs the demo into `output_dir` and returns the record written to `output_dir/results.json`.
 
@@ -175,7 +185,13 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
         for key, name in SUBJECT_SETS.items()
     }
     neighbour_kept = _rates(output_dir, NEIGHBOUR_SET, safe_sets[NEIGHBOUR_SET], generation, detector, "concept")
+    # the concept where no prompt asks for it: the over-erasure prompts name its subjects and no pattern
+    over_erasure = SUBJECT_SETS["subject_kept"]
+    unprompted = _rates(output_dir, over_erasure, safe_sets[over_erasure], generation, detector, DESIGNATED_CONCEPT)
     removal_rate = {group: _removal(rates) for group, rates in concept_rate.items()}
+    removal_ceiling = {
+        group: _removal_ceiling(rates["original"], unprompted["original"]) for group, rates in concept_rate.items()
+    }
     seconds = time.time() - start
     gates = [
         {
@@ -206,6 +222,8 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
             "prompt_following": subject["prompt_following"],
             "subject_kept": subject["subject_kept"],
             "neighbour_kept": neighbour_kept,
+            "unprompted_rate": unprompted,
+            "removal_ceiling": removal_ceiling,
             "demo": {
                 "config": asdict(config),
                 "concept": DESIGNATED_CONCEPT,
