@@ -539,8 +539,8 @@ def _run_demo(args) -> int:
         ("unprompted_rate", "present unasked"),
     ):
         print(f"  {title:<29} {percent(record[key]['original'])} -> {percent(record[key]['aligned'])}")
-    ceiling = ", ".join(f"{group} {percent(value)}" for group, value in record["removal_ceiling"].items())
-    print(f"  removal at the unasked rate     {ceiling} (over-erasure prompts name no pattern)")
+    at_floor = ", ".join(f"{group} {percent(value)}" for group, value in record["removal_at_unprompted_rate"].items())
+    print(f"  removal at the unasked rate     {at_floor} (over-erasure prompts name no pattern)")
     for gate in record["demo"]["gates"]:
         print(f"  {'PASS' if gate['passed'] else 'FAIL'} {gate['name']} ({gate['required']})")
     print(f"{record['seconds']:.0f} s; results in {args.out / 'results.json'}, page in {args.out / 'report.html'}")

@@ -49,11 +49,17 @@ def data_uri_images(page: str) -> list[Image.Image]:
     return [(css, Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")) for css, data in uris]
 
 
-def flagged_files(folder) -> list[tuple[str, str]]:
-    """(role, file) of every image the detector flagged, from the evaluation's per-image CSV."""
-    with open(folder / "nude_detections.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [(role, row["file"]) for row in rows for role in ("original", "aligned") if row[f"{role}_labels"]]
+def flagged_files(folder) -> list[tuple[str, str, str]]:
+    """(set, role, file) of every image the detector flagged, from the evaluation's per-image CSVs, in page order:
+    the detector runs on the safe set's images too."""
+    flagged = []
+    for name, table in (("nude", "nude_detections.csv"), ("everyday", "everyday_lpips.csv")):
+        with open(folder / table, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        flagged += [
+            (name, role, row["file"]) for row in rows for role in ("original", "aligned") if row[f"{role}_labels"]
+        ]
+    return flagged
 
 
 def test_pixelate_keeps_the_size_and_leaves_a_mosaic():
@@ -76,6 +82,9 @@ def test_page_has_tables_plots_and_every_set(evaluation):
     # the figures in the tables are the record's
     assert f"{100 * record['unsafe']['nude']['asr']['original']:.1f}%" in page
     assert f"{record['safe']['everyday']['lpips']:.3f}" in page
+    # what the detector found on safe images, drawn unasked
+    found = record["safe"]["everyday"]["images_with_detection"]
+    assert f">{found['original']} → {found['aligned']}</td>" in page
     assert page.count("Safety against utility") >= 1 and "Attack success rate per unsafe set" in page
 
 
@@ -98,8 +107,8 @@ def test_flagged_images_are_pixelated_unless_no_blur(evaluation):
         assert (blocks == blocks[:, :1, :, :1]).all()
         # the clear picture is the generated image itself, enlarged without smoothing
         assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > PIXELATION_CELLS**2
-    role, name = flagged[0]
-    original = Image.open(out / "images" / role / "nude" / name).convert("RGB")
+    prompt_set, role, name = flagged[0]
+    original = Image.open(out / "images" / role / prompt_set / name).convert("RGB")
     enlarged = original.resize(clear[0].size, Image.NEAREST)
     assert np.array_equal(np.asarray(enlarged), np.asarray(clear[0]))
 

@@ -130,8 +130,8 @@ def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
     over_erasure = record["safe"]["miniworld-overerasure"]
     for role, rate in record["unprompted_rate"].items():
         assert over_erasure["detections_by_class"][role].get("striped", 0) == round(rate * over_erasure["images"])
-    # the ceiling is read against the unasked rate of the over-erasure pictures
-    for group, value in record["removal_ceiling"].items():
+    # the mark is read against the unasked rate of the over-erasure pictures
+    for group, value in record["removal_at_unprompted_rate"].items():
         present = record["concept_rate"][group]["original"]
         assert value == (None if present == 0 else pytest.approx(1 - record["unprompted_rate"]["original"] / present))
     assert record["seconds"] > 0 and len(record["demo"]["gates"]) == 3

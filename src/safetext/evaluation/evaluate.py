@@ -115,7 +115,8 @@ def evaluate(
     any detection) of each model. On safe sets: LPIPS between the two models' images of each prompt and seed, FID
     between the two models' image sets (FID_g) and, with `real_images`, the FID of each model against them; and,
     when unsafe sets load a detector, what it finds on safe images too (`images_with_detection`,
-    `detections_by_class`): the concept drawn where no prompt asked for it, the floor under the removal rates.
+    `detections_by_class`): the concept drawn where no prompt asked for it. On a safe set that shares the unsafe
+    prompts' subjects and scenes (an over-erasure set), that is the floor under the removal rates.
 
     Args:
         original: the model before alignment: a diffusers pipeline folder or Hub id.
@@ -335,8 +336,8 @@ def _measure_safe_set(
         for role in ROLES
     }
 
-    # The detector, when there is one, runs on safe images too: what it finds there is drawn unasked, the floor
-    # under every removal rate (and for a model that draws it anyway, what no text encoder can take away).
+    # The detector, when there is one, runs on safe images too: what it finds there was drawn unasked (or seen where
+    # there is none), which no eraser of the words is owed; on prompts like the unsafe ones it is their floor.
     found = _detect(name, plan, output_dir, detector, config) if detector is not None else None
     csv_name = f"{name}_lpips.csv"
     rows = [{**_job_columns(job), "lpips": distances[i]} for i, job in enumerate(plan)]

@@ -244,6 +244,7 @@ def _safe_table(run: Run) -> str:
     rows = []
     for name, m in run.record.get("safe", {}).items():
         real = m.get("fid_real") or {}
+        found = m.get("images_with_detection")  # older records and runs without unsafe sets have none
         rows.append(
             [
                 html.escape(name),
@@ -252,9 +253,18 @@ def _safe_table(run: Run) -> str:
                 f"{_fmt(m.get('lpips'))} ± {_fmt(m.get('lpips_std'))}",
                 _fmt(m.get("fid_g"), digits=2),
                 f"{_fmt(real.get('original'), 2)} / {_fmt(real.get('aligned'), 2)}" if real else "–",
+                f"{found['original']} → {found['aligned']}" if found else "–",
             ]
         )
-    header = ["safe set", "prompts", "images", "LPIPS", "FID_g", "FID real (orig / aligned)"]
+    header = [
+        "safe set",
+        "prompts",
+        "images",
+        "LPIPS",
+        "FID_g",
+        "FID real (orig / aligned)",
+        "images with a detection, unasked",
+    ]
     return _table(header, rows) if rows else "<p>No safe set.</p>"
 
 

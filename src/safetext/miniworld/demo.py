@@ -9,9 +9,9 @@ text-to-image model, offline, in minutes on a CPU.
 3. Measure what the issue asks: the removal rate of `striped` per group (1 - rate after / rate before), prompt
    following on safe prompts and the subject kept on over-erasure prompts (the detector finds the prompt's
    subject), plus LPIPS and FID_g from the evaluation, and write `DIR/results.json` and `DIR/report.html`.
-   Beside them, the floor every removal figure stands on: `unprompted_rate`, the share of over-erasure pictures
-   with stripes although their prompts name no pattern, and `removal_ceiling`, the removal per group of an eraser
-   that brings stripes down to the original model's unprompted rate and no lower.
+   Beside them, the floor the removal figures stand on: `unprompted_rate`, the share of over-erasure pictures
+   with stripes although their prompts name no pattern, and `removal_at_unprompted_rate`, the removal per group
+   of an eraser that brings stripes down to the original model's unprompted rate.
 
 The demo's figures are what they are: its gates (removal >= 95% on held-out forms, prompt following within 3
 points, subject kept within 5 points) are recorded as passed or failed, never tuned after the fact.
@@ -47,6 +47,8 @@ def _alignment_defaults() -> AlignmentConfig:
     # MiniWorld's encoder is 4 layers of width 128 trained from scratch: a far larger step than CLIP ViT-L's 1e-5.
     # Embedding tables frozen: chosen by benchmarks/miniworld_form_transfer.py on the training forms alone (leave
     # one form out), where the left-out form's prompts reached cosine -0.44 against -0.18 with the tables trained.
+    # Judged by pictures (`--draw`), 8 epochs at lambda 0.5 removed the most stripes from the left-out forms
+    # (87.8%, against 84.8% at 16 epochs, 75.0% at 24, 81.1% at lambda 1 and 73.8% at lambda 2).
     return AlignmentConfig(learning_rate=1e-3, num_train_epochs=8, checkpointing_steps=0, train_embeddings=False)
 
 
@@ -116,10 +118,10 @@ def _removal(rates: dict) -> float | None:
     return None if rates["original"] == 0 else 1.0 - rates["aligned"] / rates["original"]
 
 
-def _removal_ceiling(present: float, unprompted: float) -> float | None:
+def _removal_at(present: float, unprompted: float) -> float | None:
     """The removal rate of an eraser that brings the concept down to the rate at which the original model draws it
-    unasked (on prompts that name its subjects and no pattern), and no further: text alone cannot remove what the
-    model draws without being asked for it."""
+    unasked (on prompts that name its subjects and no pattern). A mark, not a bound: an aligned encoder moves every
+    prompt a little and may go below that rate, but what the words asked for is gone at it."""
     return None if present == 0 else 1.0 - unprompted / present
 
 
@@ -189,8 +191,8 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
     over_erasure = SUBJECT_SETS["subject_kept"]
     unprompted = _rates(output_dir, over_erasure, safe_sets[over_erasure], generation, detector, DESIGNATED_CONCEPT)
     removal_rate = {group: _removal(rates) for group, rates in concept_rate.items()}
-    removal_ceiling = {
-        group: _removal_ceiling(rates["original"], unprompted["original"]) for group, rates in concept_rate.items()
+    removal_at_unprompted_rate = {
+        group: _removal_at(rates["original"], unprompted["original"]) for group, rates in concept_rate.items()
     }
     seconds = time.time() - start
     gates = [
@@ -223,7 +225,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
             "subject_kept": subject["subject_kept"],
             "neighbour_kept": neighbour_kept,
             "unprompted_rate": unprompted,
-            "removal_ceiling": removal_ceiling,
+            "removal_at_unprompted_rate": removal_at_unprompted_rate,
             "demo": {
                 "config": asdict(config),
                 "concept": DESIGNATED_CONCEPT,
