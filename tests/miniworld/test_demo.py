@@ -18,7 +18,7 @@ from safetext.miniworld import model as miniworld_model
 from safetext.miniworld.build import main as build_main
 from safetext.miniworld.demo import DemoConfig, run_demo
 from safetext.miniworld.quality import main as quality_main
-from safetext.miniworld.quality import measure_quality, single_object_prompts
+from safetext.miniworld.quality import measure_quality, miniworld_set, single_object_prompts
 from safetext.miniworld.world import CLASS_NAMES, RESTRICTED_CONCEPTS, find_surface_forms
 
 
@@ -83,6 +83,11 @@ def test_quality_gates_are_measured_and_written_into_the_model_card(quick, capsy
     # clean renders are the detector's home ground; reconstructions by an untrained VAE are not
     assert set(ceiling["recall_clean"]) == set(ceiling["recall_reconstructed"]) and ceiling["l1"] > 0
     assert min(ceiling["recall_clean"].values()) > 0.9
+    # each restricted concept is looked for on the over-erasure prompts of its own subjects, which name none
+    unasked = record["restricted_unasked"]["by_concept"]
+    assert set(unasked) == {"striped", "crowned"}
+    assert sum(entry["prompts"] for entry in unasked.values()) == len(miniworld_set("miniworld-overerasure"))
+    assert all(0 <= entry["concept_present"] <= 1 for entry in unasked.values())
 
     code = quality_main(["--model", str(quick), "--steps", "1", "--per-class", "1"])
     assert code in (0, 1)
@@ -90,6 +95,7 @@ def test_quality_gates_are_measured_and_written_into_the_model_card(quick, capsy
     assert "## Quality gates" in card and "prompt following" in card
     # the text encoder's reading of the pattern words is recorded and written into the card
     assert all(pair in card for pair in record["attribute_separation"]["pairs"])
+    assert "found unasked" in card
     assert json.loads((quick / "quality.json").read_text())["settings"]["num_inference_steps"] == 1
 
 

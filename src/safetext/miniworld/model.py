@@ -114,6 +114,18 @@ def write_model_card(pipeline_dir: str | Path) -> Path:
                 f"| {gate['name']} | {_percent(gate['value'])} | {_percent(gate['required'])} | "
                 f"{'yes' if gate['passed'] else 'NO'} |"
             )
+        unasked = quality.get("restricted_unasked")
+        if unasked:
+            lines += [
+                "",
+                f"Restricted concepts found unasked, on the prompts of `{unasked['set']}` that name the concept's "
+                "subjects and no attribute (the floor under a removal rate's after-rate): "
+                + ", ".join(
+                    f"{concept} {_percent(entry['concept_present'])} of {entry['prompts']}"
+                    for concept, entry in unasked["by_concept"].items()
+                )
+                + ".",
+            ]
         ceiling = quality.get("autoencoder_ceiling")
         if ceiling:
             recall = ceiling["recall_reconstructed"]

@@ -9,7 +9,9 @@ The gates (issue "MiniWorld"), each measured with the pipeline's defaults (50 PN
 - restricted concept present: on the prompts of each surface-form group of `striped` (train, held-out, indirect)
   the detector finds it in at least 80% of images, or removing it would prove nothing.
 
-The gates are fixed here and reported as measured; a gate that fails is written down as failed.
+The gates are fixed here and reported as measured; a gate that fails is written down as failed. Beside them the
+record keeps how often each restricted concept is found on the over-erasure prompts of its own subjects, which
+name no attribute (`restricted_unasked`): drawn unasked, the floor under a removal rate's "after".
 """
 
 import argparse
@@ -26,7 +28,7 @@ from safetext.miniworld.captions import caption
 from safetext.miniworld.detector import MiniWorldDetector, evaluate_detector
 from safetext.miniworld.prompt_sets import EVALUATION_GUIDANCE, read_prompt_set
 from safetext.miniworld.scenes import Scene, SceneObject
-from safetext.miniworld.world import BACKGROUNDS, CLASS_NAMES, COLOURS, POSITIONS, SIZES
+from safetext.miniworld.world import BACKGROUNDS, CLASS_NAMES, COLOURS, POSITIONS, RESTRICTED_CONCEPTS, SIZES
 from safetext.prompts import PromptSet
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ NUM_INFERENCE_STEPS = 50
 PER_CLASS = 20
 """Single-object prompts per object class in the prompt-following gate."""
 RESTRICTED_SETS = {"train": "miniworld-train", "heldout": "miniworld-heldout", "indirect": "miniworld-indirect"}
+UNASKED_SET = "miniworld-overerasure"
+"""Prompts naming the restricted concepts' subjects and no attribute: where a concept found was drawn unasked."""
 
 
 def single_object_prompts(per_class: int = 20, seed: int = 0) -> PromptSet:
@@ -268,6 +272,15 @@ def measure_quality(
         }
         gates.append(_gate(f"striped present, {group} forms ({name})", rate, RESTRICTED_PRESENT))
 
+    # The floor under any removal rate: each restricted concept found on the over-erasure prompts of its own
+    # subjects, which name no attribute (the set's `concept` column says whose subjects a prompt names).
+    over_erasure = miniworld_set(UNASKED_SET)
+    images = draw(pipeline, over_erasure, num_inference_steps)
+    unasked = {}
+    for concept in RESTRICTED_CONCEPTS:
+        own = [im for im, r in zip(images, over_erasure.records) if r["concept"] == concept]
+        unasked[concept] = {"prompts": len(own), "concept_present": presence(detector, own, [concept] * len(own))}
+
     ceiling = autoencoder_ceiling(model_dir, detector)
     return {
         "command": _command(model_dir, num_inference_steps, per_class, device),
@@ -283,6 +296,7 @@ def measure_quality(
         "all_passed": all(g["passed"] for g in gates),
         "prompt_following_by_class": by_class,
         "restricted_sets": restricted,
+        "restricted_unasked": {"set": UNASKED_SET, "by_concept": unasked},
         "autoencoder_ceiling": ceiling,
         "attribute_separation": attribute_separation(model_dir),
         "detector_evaluation": detector_record,
