@@ -53,7 +53,7 @@ from safetext.conditioning import TextConditioner, position_mask
 from safetext.loading import MINIWORLD, resolve_model_name
 from safetext.metrics import unsafe_cosine
 from safetext.miniworld.demo import PROMPT_FOLLOWING_TOLERANCE, DemoConfig
-from safetext.miniworld.quality import NUM_INFERENCE_STEPS, draw, miniworld_set, single_object_prompts
+from safetext.miniworld.quality import NUM_INFERENCE_STEPS, draw, found, miniworld_set, single_object_prompts
 from safetext.miniworld.world import DESIGNATED_CONCEPT
 from safetext.recipes import load_recipe
 
@@ -81,13 +81,6 @@ def _cosine(original, aligned, conditioner, prompts) -> float:
     return unsafe_cosine(moved, reference, position_mask(tokens.attention_mask, "no_bos"))
 
 
-def _found(detector, images, labels) -> list[bool]:
-    """Per image, whether the detector finds the label at the same position of `labels`."""
-    scores = detector.scores(images)
-    columns = [detector.labels.index(label) for label in labels]
-    return (scores[np.arange(len(images)), columns] >= detector.threshold).tolist()
-
-
 class _Pictures:
     """Draws prompt sets with the shipped UNet and an original or aligned encoder, and counts what the detector finds."""
 
@@ -101,7 +94,7 @@ class _Pictures:
     def found(self, model, prompts, labels) -> list[bool]:
         pipeline = self.load_pipeline(model, device="cpu")
         images = draw(pipeline, prompts, NUM_INFERENCE_STEPS, batch_size=48)
-        return _found(self.detector, images, labels)
+        return found(self.detector, images, labels).tolist()
 
 
 def main() -> None:
@@ -130,11 +123,12 @@ def main() -> None:
     conditioner = TextConditioner.for_encoder(tokenizer, original, bare=False)
 
     pictures = _Pictures() if args.draw else None
+    # each form's prompts with the shipped file's columns, seeds included, for drawing
+    drawn = {form: shipped.subset([i for i, r in enumerate(shipped.records) if r["form"] == form]) for form in forms}
     before, safe, safe_before = {}, None, None
     if pictures:
         for form in forms:
-            rows = [i for i, f in enumerate(shipped.records) if f["form"] == form]
-            before[form] = pictures.found(model, shipped.subset(rows), [DESIGNATED_CONCEPT] * len(rows))
+            before[form] = pictures.found(model, drawn[form], [DESIGNATED_CONCEPT] * len(drawn[form]))
         alignment_prompts = {p for s in [*unsafe_sets.values(), *safe_sets.values()] for p in s.prompts}
         safe = single_object_prompts(SAFE_PER_CLASS, seed=SAFE_SEED)
         safe = safe.subset([i for i, p in enumerate(safe.prompts) if p not in alignment_prompts])
@@ -175,8 +169,7 @@ def main() -> None:
                     "alignment_seconds": time.time() - began,
                 }
                 if pictures:
-                    rows = [i for i, f in enumerate(shipped.records) if f["form"] == form]
-                    after = pictures.found(result.output_dir, shipped.subset(rows), [DESIGNATED_CONCEPT] * len(rows))
+                    after = pictures.found(result.output_dir, drawn[form], [DESIGNATED_CONCEPT] * len(drawn[form]))
                     folds[form].update(striped_before=sum(before[form]), striped_after=sum(after))
             mean = {key: sum(f[key] for f in folds.values()) / len(folds) for key in next(iter(folds.values()))}
             results[name] = {"changes": changes, "config": config.to_dict(), "mean": mean, "folds": folds}

@@ -27,8 +27,15 @@ def count(folder: Path) -> dict:
     """Per model and per concept whose subjects the prompts name: pictures, and pictures with each concept."""
     whose = {r["case_number"]: r["concept"] for r in miniworld_set(SET).records}
     record = json.loads((folder / "results.json").read_text())
+    if SET not in record.get("safe", {}):
+        raise SystemExit(f"{folder}: evaluated without --safe {SET}")
     with open(folder / record["safe"][SET]["per_image"], newline="") as handle:
         rows = list(csv.DictReader(handle))
+    if not rows or any(f"{role}_labels" not in rows[0] for role in ROLES):
+        raise SystemExit(
+            f"{folder}: its {SET} table has no detections (evaluated without unsafe sets, or before the "
+            "detector ran on safe sets); evaluate again into the same folder, which reuses the images"
+        )
     found = {}
     for role in ROLES:
         found[role] = {}

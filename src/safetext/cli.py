@@ -540,7 +540,7 @@ def _run_demo(args) -> int:
     ):
         print(f"  {title:<29} {percent(record[key]['original'])} -> {percent(record[key]['aligned'])}")
     at_floor = ", ".join(f"{group} {percent(value)}" for group, value in record["removal_at_unprompted_rate"].items())
-    print(f"  removal at the unasked rate     {at_floor} (over-erasure prompts name no pattern)")
+    print(f"  {'removal at the unasked rate':<29} {at_floor} (over-erasure prompts name no pattern)")
     for gate in record["demo"]["gates"]:
         print(f"  {'PASS' if gate['passed'] else 'FAIL'} {gate['name']} ({gate['required']})")
     print(f"{record['seconds']:.0f} s; results in {args.out / 'results.json'}, page in {args.out / 'report.html'}")

@@ -23,7 +23,7 @@ from safetext.evaluation.report import PIXELATION_CELLS, load_run, pixelate, ren
 from safetext.generation import GenerationConfig
 from safetext.prompts import PromptSet
 
-from .test_evaluate import FAST, RedCellDetector, assert_one_line_error, run_cli
+from .test_evaluate import FAST, RedCellDetector, assert_one_line_error, count_red_cells, run_cli
 
 HOSTILE_PROMPT = 'a nude <script>alert("x")</script> & friends'
 
@@ -88,6 +88,18 @@ def test_page_has_tables_plots_and_every_set(evaluation):
     assert page.count("Safety against utility") >= 1 and "Attack success rate per unsafe set" in page
 
 
+def test_the_detector_counts_the_safe_pictures_too(evaluation):
+    out, record = evaluation
+    with open(out / "everyday_lpips.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    safe = record["safe"]["everyday"]
+    for role in ("original", "aligned"):
+        counts = [count_red_cells(out / "images" / role / "everyday" / row["file"], 0.5) for row in rows]
+        assert safe["images_with_detection"][role] == sum(1 for count in counts if count)
+        assert safe["detections_by_class"][role] == ({"RED_CELL": sum(counts)} if sum(counts) else {})
+    assert sum(safe["images_with_detection"].values()) > 0, "the fixture's threshold should flag a safe picture"
+
+
 def test_prompts_are_escaped(evaluation):
     page = render_report([load_run(evaluation[0])])
     assert "<script>" not in page
@@ -98,6 +110,8 @@ def test_flagged_images_are_pixelated_unless_no_blur(evaluation):
     out, record = evaluation
     flagged = flagged_files(out)
     assert 0 < len(flagged), "the fixture's threshold should flag some images"
+    # a safe prompt's picture in which the detector finds something is pixelated too
+    assert {prompt_set for prompt_set, _, _ in flagged} == {"nude", "everyday"}
     blurred = [image for css, image in data_uri_images(render_report([load_run(out)])) if css == "flagged"]
     clear = [image for css, image in data_uri_images(render_report([load_run(out)], blur=False)) if css == "flagged"]
     assert len(blurred) == len(clear) == len(flagged)

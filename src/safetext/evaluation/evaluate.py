@@ -6,7 +6,8 @@ Layout of the output folder::
     DIR/images/original/<set>/{case_number}_{i}.png   written by `safetext.generation.generate`, so a rerun
     DIR/images/aligned/<set>/{case_number}_{i}.png    reuses every finished image and draws only what is missing
     DIR/<unsafe set>_detections.csv                   one row per image pair: prompt, seed, detections of each model
-    DIR/<safe set>_lpips.csv                          one row per image pair: prompt, seed, LPIPS distance
+    DIR/<safe set>_lpips.csv                          one row per image pair: prompt, seed, LPIPS distance and,
+                                                      when unsafe sets load a detector, its findings per model
     DIR/results.json                                  settings, versions, hashes, metrics and cost, written last
 
 Both models draw every image with the same prompt, seed and guidance, so each metric compares like with like.

@@ -11,7 +11,8 @@ The gates (issue "MiniWorld"), each measured with the pipeline's defaults (50 PN
 
 The gates are fixed here and reported as measured; a gate that fails is written down as failed. Beside them the
 record keeps how often each restricted concept is found on the over-erasure prompts of its own subjects, which
-name no attribute (`restricted_unasked`): drawn unasked, the floor under a removal rate's "after".
+name no attribute (`restricted_unasked`): drawn unasked, the floor under a removal rate's "after". That draws the
+whole over-erasure set (180 prompts) whatever `--per-class` says, about a minute and a half on two cores.
 """
 
 import argparse
@@ -104,11 +105,16 @@ def draw(pipeline, prompts: PromptSet, num_inference_steps: int, batch_size: int
     return images
 
 
-def presence(detector: MiniWorldDetector, images: list, labels: list[str]) -> float:
-    """Share of images in which the detector finds the label asked for in the same position of `labels`."""
+def found(detector: MiniWorldDetector, images: list, labels: list[str]) -> np.ndarray:
+    """Per image, whether the detector finds the label asked for in the same position of `labels`."""
     scores = detector.scores(images)
     columns = [detector.labels.index(label) for label in labels]
-    return float(np.mean(scores[np.arange(len(images)), columns] >= detector.threshold))
+    return scores[np.arange(len(images)), columns] >= detector.threshold
+
+
+def presence(detector: MiniWorldDetector, images: list, labels: list[str]) -> float:
+    """Share of images in which the detector finds the label asked for in the same position of `labels`."""
+    return float(np.mean(found(detector, images, labels)))
 
 
 @torch.no_grad()
