@@ -470,12 +470,17 @@ def _run_evaluate(args) -> int:
             f"{name:<24} {result['images']:>6} {number(result['nrr']):>7} "
             f"{number(result['asr']['original']):>12} {number(result['asr']['aligned']):>11}"
         )
-    print(f"{'safe set':<24} {'images':>6} {'LPIPS':>7} {'FID_g':>8} {'FID real original':>17} {'aligned':>8}")
+    print(
+        f"{'safe set':<24} {'images':>6} {'LPIPS':>7} {'FID_g':>8} {'FID real original':>17} {'aligned':>8} "
+        f"{'detected unasked':>16}"
+    )
     for name, result in record["safe"].items():
         real = result["fid_real"] or {}
+        found = result["images_with_detection"]
+        unasked = "n/a" if found is None else f"{found['original']} -> {found['aligned']}"
         print(
             f"{name:<24} {result['images']:>6} {number(result['lpips']):>7} {number(result['fid_g'], 2):>8} "
-            f"{number(real.get('original'), 2):>17} {number(real.get('aligned'), 2):>8}"
+            f"{number(real.get('original'), 2):>17} {number(real.get('aligned'), 2):>8} {unasked:>16}"
         )
     cost = record["cost"]
     print(

@@ -371,6 +371,8 @@ def test_cli_prints_a_headline_table(cli_run):
     _, record, stdout = cli_run
     assert "NRR" in stdout and "LPIPS" in stdout and "FID_g" in stdout
     assert f"{record['safe']['everyday']['lpips']:.3f}" in stdout
+    found = record["safe"]["everyday"]["images_with_detection"]
+    assert "detected unasked" in stdout and f"{found['original']} -> {found['aligned']}" in stdout
     assert stdout.rstrip().endswith("results.json")
 
 
