@@ -14,13 +14,14 @@ out). Per setting it reports, averaged over the folds:
 
 It reads no prompt of the held-out or indirect sets. Prints one line per setting, and as its last line
 `best=<setting>`: the lowest left-out cosine among the settings whose safe drift is at most the first setting's.
-Every setting is the demo's alignment (`DemoConfig().alignment`) with the changes named in `SETTINGS`; the first
-trains the embedding tables, as the demo did before this benchmark chose to freeze them. Writes
-`benchmarks/results/miniworld_form_transfer.json`.
+Every setting is the demo's alignment (`DemoConfig().alignment`) with the changes named in one group of `SETTINGS`
+(`--group`: `tables`, the default, whose first setting trains the embedding tables, as the demo did before this
+benchmark chose to freeze them; `adversary`, pushing from the worst point near each prompt as well). Writes
+`benchmarks/results/miniworld_form_transfer.json` (`tables`) or `miniworld_form_transfer-GROUP.json`.
 
 With `--draw` it judges by pictures instead, since a cosine says how far an embedding moved, not whether the UNet
-still draws stripes from it. The settings are then `DRAWN_SETTINGS`, each the demo's alignment with one change, and
-per setting it measures:
+still draws stripes from it. The settings are then one group of `DRAWN_SETTINGS` (`strength`, the default: how hard
+to push; `adversary`), each the demo's alignment with one change, and per setting it measures:
 
 - `left_out_removal`: the shipped UNet draws every left-out form's 48 prompts (their own seeds, 50 steps, the
   detector's `striped` label) with the original encoder and with the fold's aligned one; removal is
@@ -32,9 +33,10 @@ per setting it measures:
 The rule, fixed before the first run: among the settings whose prompt following is at most 3 points below the
 original model's (the demo's own tolerance), the best has the highest left-out removal; ties go to the earlier
 setting, the demo's own first. It still reads no prompt of the held-out, indirect or over-erasure sets, and no
-prompt of `miniworld-safe` is drawn. Writes `benchmarks/results/miniworld_form_transfer-draw.json`.
+prompt of `miniworld-safe` is drawn. Writes `benchmarks/results/miniworld_form_transfer-draw.json` (`strength`) or
+`miniworld_form_transfer-draw-GROUP.json`.
 
-    python benchmarks/miniworld_form_transfer.py [--epochs 8] [--draw]
+    python benchmarks/miniworld_form_transfer.py [--epochs 8] [--draw] [--group GROUP]
 """
 
 import argparse
@@ -58,18 +60,43 @@ from safetext.miniworld.world import DESIGNATED_CONCEPT
 from safetext.recipes import load_recipe
 
 SETTINGS = {
-    "tables trained": {"train_embeddings": True},
-    "tables frozen": {"train_embeddings": False},
-    "tables frozen, lr 3e-3": {"train_embeddings": False, "learning_rate": 3e-3},
-    "tables frozen, lambda 1": {"train_embeddings": False, "effectiveness_weight": 1.0},
+    # whether to train the embedding tables
+    "tables": {
+        "tables trained": {"train_embeddings": True},
+        "tables frozen": {"train_embeddings": False},
+        "tables frozen, lr 3e-3": {"train_embeddings": False, "learning_rate": 3e-3},
+        "tables frozen, lambda 1": {"train_embeddings": False, "effectiveness_weight": 1.0},
+    },
+    # the worst point near each unsafe prompt (`safetext.adversarial`), at the token embeddings and in later blocks
+    "adversary": {
+        "demo": {},
+        "epsilon 0.1 block 0": {"adversarial_epsilon": 0.1},
+        "epsilon 0.3 block 0": {"adversarial_epsilon": 0.3},
+        "epsilon 0.1 block 2": {"adversarial_epsilon": 0.1, "adversarial_layer": 2},
+        "epsilon 0.3 block 2": {"adversarial_epsilon": 0.3, "adversarial_layer": 2},
+        "epsilon 0.3 block 1": {"adversarial_epsilon": 0.3, "adversarial_layer": 1},
+    },
 }
 DRAWN_SETTINGS = {
-    "demo": {},
-    "16 epochs": {"num_train_epochs": 16},
-    "24 epochs": {"num_train_epochs": 24},
-    "lambda 1": {"effectiveness_weight": 1.0},
-    "lambda 2": {"effectiveness_weight": 2.0},
+    # how hard to push
+    "strength": {
+        "demo": {},
+        "16 epochs": {"num_train_epochs": 16},
+        "24 epochs": {"num_train_epochs": 24},
+        "lambda 1": {"effectiveness_weight": 1.0},
+        "lambda 2": {"effectiveness_weight": 2.0},
+    },
+    # from where to push: the worst point near each unsafe prompt as well (`safetext.adversarial`)
+    # (screened first by the left-out cosine, `--group adversary` without `--draw`: only epsilon 0.3 at block 0
+    # moved the left-out forms further than the demo's alignment, -0.52 against -0.44, at a safe drift of 0.28
+    # against 0.16; epsilon 0.1, and blocks 1 and 2, moved them less)
+    "adversary": {
+        "demo": {},
+        "epsilon 0.3": {"adversarial_epsilon": 0.3},
+        "epsilon 0.5": {"adversarial_epsilon": 0.5},
+    },
 }
+DEFAULT_GROUP = {False: "tables", True: "strength"}
 SAFE_PER_CLASS = 10
 SAFE_SEED = 1
 
@@ -97,17 +124,31 @@ class _Pictures:
         return found(self.detector, images, labels).tolist()
 
 
+def _flags(draw: bool, group: str) -> str:
+    return (" --draw" if draw else "") + ("" if group == DEFAULT_GROUP[draw] else f" --group {group}")
+
+
 def main() -> None:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="alignment epochs (default: the demo's)")
     parser.add_argument("--draw", action="store_true", help="judge by pictures drawn by the UNet (DRAWN_SETTINGS)")
+    parser.add_argument(
+        "--group",
+        default=None,
+        help=f"which settings: {', '.join(SETTINGS)} by the cosine (default {DEFAULT_GROUP[False]}), "
+        f"{', '.join(DRAWN_SETTINGS)} with --draw (default {DEFAULT_GROUP[True]})",
+    )
     args = parser.parse_args()
     base = DemoConfig().alignment
     if args.epochs is not None:
         base = replace(base, num_train_epochs=args.epochs)
-    settings = DRAWN_SETTINGS if args.draw else SETTINGS
+    groups = DRAWN_SETTINGS if args.draw else SETTINGS
+    group = args.group or DEFAULT_GROUP[args.draw]
+    if group not in groups:
+        raise SystemExit(f"--group {group}: choose one of {', '.join(groups)}" + ("" if args.draw else " (or --draw)"))
+    settings = groups[group]
     unsafe_sets, safe_sets = load_recipe(f"miniworld-{DESIGNATED_CONCEPT}")
     (unsafe_name, unsafe), *rest = unsafe_sets.items()
     if rest:
@@ -207,7 +248,7 @@ def main() -> None:
         best = min(eligible, key=lambda n: eligible[n]["mean"]["left_out_cosine"])
         rule = "lowest mean left-out cosine among settings whose mean safe drift is at most the first setting's"
     record = {
-        "command": "python benchmarks/miniworld_form_transfer.py" + (" --draw" if args.draw else ""),
+        "command": "python benchmarks/miniworld_form_transfer.py" + _flags(args.draw, group),
         "concept": DESIGNATED_CONCEPT,
         "forms": forms,
         "rule": rule,
@@ -224,7 +265,12 @@ def main() -> None:
             safe_prompts={"per_class": SAFE_PER_CLASS, "seed": SAFE_SEED, "prompts": len(safe)},
             striped_before={form: sum(found) for form, found in before.items()},
         )
-    name = "miniworld_form_transfer" + ("-draw" if args.draw else "")
+    # the default groups' records keep the names they had before there were groups
+    name = (
+        "miniworld_form_transfer"
+        + ("-draw" if args.draw else "")
+        + ("" if group == DEFAULT_GROUP[args.draw] else f"-{group}")
+    )
     out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"best={best}")

@@ -219,6 +219,9 @@ def test_output_folder_holding_other_files(capsys, tiny_pipeline_dir, prompt_fil
         (["--heldout-fraction", "1"], ["heldout_fraction=1.0"]),
         (["--epochs", "0"], ["num_train_epochs=0"]),
         (["--checkpointing-steps", "-2"], ["checkpointing_steps=-2"]),
+        (["--adversarial-epsilon=-0.1"], ["adversarial_epsilon=-0.1"]),
+        # a layer the encoder lacks is known only once it loads, still before the output folder is made
+        (["--adversarial-epsilon", "0.1", "--adversarial-layer", "9"], ["adversarial_layer=9", "text_encoder has"]),
     ],
 )
 def test_bad_flag_values(capsys, tiny_pipeline_dir, prompt_files, tmp_path, flags, fragments):

@@ -52,6 +52,11 @@ def test_bad_choice_names_the_value_and_the_allowed_ones(name, value, allowed):
         ("eval_batch_size", 0, ">= 1"),
         ("checkpointing_steps", -1, ">= 0"),
         ("seed", -1, ">= 0"),
+        ("adversarial_epsilon", -0.1, "[0.0, inf)"),
+        ("adversarial_epsilon", math.nan, "[0.0, inf)"),
+        ("adversarial_steps", 0, ">= 1"),
+        ("adversarial_layer", -1, ">= 0"),
+        ("adversarial_layer", 1.5, ">= 0"),
     ],
 )
 def test_bad_number_names_the_value_and_the_allowed_range(name, value, allowed):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from safetext.adversarial import HiddenStatePerturbation, worst_case_deltas
 from safetext.checkpointing import (
     list_checkpoints,
     load_checkpoint,
@@ -32,7 +33,7 @@ from safetext.errors import SafeTextError
 from safetext.families import Conditioning, Tokens
 from safetext.loading import load_text_encoder
 from safetext.lora import ADAPTER_SUFFIX, add_lora_adapter, encoder_sha256, resolve_target_modules
-from safetext.losses import safetext_loss
+from safetext.losses import safetext_loss, unsafe_effectiveness
 from safetext.metrics import embedding_metrics
 from safetext.prompts import PromptSet, remove_overlap, split_heldout
 from safetext.provenance import Stopwatch, device_description, git_commit, package_versions, peak_memory_bytes
@@ -125,6 +126,9 @@ def _split_sets(sets: dict[str, PromptSet], fraction: float, seed: int) -> tuple
 
 def _fingerprint(loaded_source: dict, family: str, config: AlignmentConfig, groups: dict[str, _Group]) -> str:
     settings = {k: v for k, v in config.to_dict().items() if k not in RUN_LENGTH_SETTINGS}
+    if not config.adversarial_epsilon:
+        # without an adversary its other settings change nothing: runs from before they existed stay resumable
+        settings = {k: v for k, v in settings.items() if not k.startswith("adversarial_")}
     data = {name: hashlib.sha256("\n".join(g.prompts).encode()).hexdigest() for name, g in groups.items()}
     payload = {"model": loaded_source["text_encoder_sha256"], "family": family, "settings": settings, "data": data}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -337,6 +341,16 @@ def align(
             name: resolve_target_modules(loaded.text_encoders[name], config.lora_target_modules, name)
             for name in train_encoders
         }
+    # the adversary's hooks sit on the encoders' own blocks, which LoRA wraps in place; a layer the encoders do not
+    # have is refused here, before the output folder is claimed
+    perturbation = None
+    if config.adversarial_epsilon:
+        try:
+            perturbation = HiddenStatePerturbation(
+                {name: loaded.text_encoders[name] for name in train_encoders}, config.adversarial_layer
+            )
+        except ValueError as error:
+            raise SafeTextError(str(error)) from None
     encoders = TextEncoders(pipeline_family, loaded.text_encoders, loaded.tokenizers)
     fingerprint = _fingerprint(loaded.source, pipeline_family.name, config, groups)
     _check_output_dir(output_dir, fingerprint, resume, overwrite)
@@ -474,6 +488,15 @@ def align(
         s_idx = _batch(
             permutations_safe, len(train_safe.prompts), safe_batch, epoch, step_in_epoch, config.seed, 1, rank, world
         )
+        adversary_terms = {}
+        if perturbation is not None:
+            adversary_terms = _perturb_unsafe(
+                perturbation, accelerator, encoders, pipeline_family, train_encoders, train_unsafe, u_idx, config, step
+            )
+            # The unsafe prompts twice: perturbed (the first rows, where the hooks act), then as they are. L_e is the
+            # mean of both: at the worst point alone the push would start where the adversary put the embedding
+            # back, at cosine 1, where the cosine's gradient vanishes, and the encoder would never leave the start.
+            u_idx = torch.cat([u_idx, u_idx])
         # One forward pass over unsafe and safe prompts together: larger matrix products run closer to peak.
         batch_tokens = Tokens.concatenate([train_unsafe.tokens.select(u_idx), train_safe.tokens.select(s_idx)])
         with accelerator.autocast():
@@ -513,6 +536,8 @@ def align(
                 "lower --learning-rate or use full precision"
             )
         accelerator.backward(terms["loss"])
+        if perturbation is not None:
+            perturbation.deltas = None
         grad_norm = None
         if config.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(encoders.parameters(), config.max_grad_norm))
@@ -521,7 +546,7 @@ def align(
 
         done = step + 1
         mean_terms = gathered.float().mean(dim=0).tolist()
-        last_terms = dict(zip(terms, mean_terms))
+        last_terms = {**dict(zip(terms, mean_terms)), **adversary_terms}
         progress.update(1)
         progress.set_postfix(L_u=f"{mean_terms[0]:.4f}", L_e=f"{mean_terms[1]:.4f}", loss=f"{mean_terms[2]:.4f}")
         if accelerator.is_main_process and (done % config.log_every == 0 or done == total_steps):
@@ -549,6 +574,8 @@ def align(
             accelerator.wait_for_everyone()
     progress.close()
     train_seconds = train_watch.seconds()
+    if perturbation is not None:
+        perturbation.remove()
 
     # 6. Measure: embeddings of every split after alignment against the cached reference.
     aligned = accelerator.unwrap_model(encoders)
@@ -632,6 +659,64 @@ def align(
         )
     accelerator.wait_for_everyone()
     return AlignmentResult(output_dir=output_dir, record=record)
+
+
+def _perturb_unsafe(
+    perturbation: HiddenStatePerturbation,
+    accelerator,
+    encoders,
+    pipeline_family,
+    train_encoders: list[str],
+    train_unsafe: _Group,
+    u_idx: torch.Tensor,
+    config: AlignmentConfig,
+    step: int,
+) -> dict:
+    """Finds the worst-case perturbation of this step's unsafe prompts and leaves it set on `perturbation`.
+
+    Returns the adversary's L_e (at the last point its search evaluated), for the log.
+    """
+    model = accelerator.unwrap_model(encoders)  # the search's passes are not training passes: no DDP wrapper
+    tokens = train_unsafe.tokens.select(u_idx)
+    spec_of = {spec.text_encoder: spec for spec in pipeline_family.encoders}
+    shapes = {}
+    for name in train_encoders:
+        spec = spec_of[name]
+        mask = tokens.attention_mask[spec.tokenizer].bool().clone()
+        if spec.starts_with_bos:
+            mask[:, 0] = False  # BOS is the same for every prompt: only the prompt's own tokens move
+        perturbation.masks[name] = mask
+        width = model.text_encoders[name].get_input_embeddings().embedding_dim
+        shapes[name] = (len(u_idx), mask.shape[1], width)
+    device = accelerator.device
+    reference = train_unsafe.reference[u_idx].to(device)
+    mask = train_unsafe.mask[u_idx].to(device)
+    pooled_reference = None
+    if train_unsafe.pooled_reference is not None:
+        pooled_reference = train_unsafe.pooled_reference[u_idx].to(device)
+
+    def unsafe_loss(deltas):
+        perturbation.deltas = deltas
+        with accelerator.autocast():
+            sequence, pooled = model(tokens)
+        return unsafe_effectiveness(
+            sequence,
+            reference,
+            mask,
+            config.effectiveness_distance,
+            config.distance_scale == "relative",
+            unsafe_pooled=pooled,
+            unsafe_pooled_reference=pooled_reference,
+            pooled_weight=config.pooled_weight,
+        )
+
+    # seeded by step and process, so that a resumed run draws the same starting points as an uninterrupted one
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + accelerator.process_index + 7)
+    deltas, adversary_loss = worst_case_deltas(
+        unsafe_loss, shapes, config.adversarial_epsilon, config.adversarial_steps, generator, device
+    )
+    perturbation.deltas = deltas
+    return {"adversarial_effectiveness_loss": adversary_loss}
 
 
 def _train_lora_dropout(peft_model) -> None:

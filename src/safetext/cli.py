@@ -60,6 +60,25 @@ def _add_align(subparsers) -> None:
         "are, so the change acts on words in context rather than on the training prompts' words",
     )
     p.add_argument(
+        "--adversarial-epsilon",
+        type=float,
+        default=defaults.adversarial_epsilon,
+        help="push the unsafe prompts away from the worst point within this radius of their hidden states (per "
+        "token, relative to its norm), as adversarial unlearning does (default 0: SafeText as in the paper)",
+    )
+    p.add_argument(
+        "--adversarial-steps",
+        type=int,
+        default=defaults.adversarial_steps,
+        help="projected gradient steps of the search for that point",
+    )
+    p.add_argument(
+        "--adversarial-layer",
+        type=int,
+        default=defaults.adversarial_layer,
+        help="the transformer block whose input is perturbed (0: the token embeddings)",
+    )
+    p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute layer activations in the backward pass: less memory, same gradients",
@@ -160,6 +179,9 @@ def _run_align(args) -> int:
             lora_dropout=args.lora_dropout,
             lora_target_modules=_comma_list(args.lora_target_modules),
             train_embeddings=not args.freeze_embeddings,
+            adversarial_epsilon=args.adversarial_epsilon,
+            adversarial_steps=args.adversarial_steps,
+            adversarial_layer=args.adversarial_layer,
             gradient_checkpointing=args.gradient_checkpointing,
             learning_rate=args.learning_rate,
             num_train_epochs=args.epochs,

@@ -127,6 +127,27 @@ class AlignmentConfig:
             "LoRA leaves the tables frozen either way"
         },
     )
+    adversarial_epsilon: float = field(
+        default=0.0,
+        metadata={
+            "help": "radius of the worst-case perturbation of the unsafe prompts' hidden states, per token and relative "
+            "to the token's norm (`safetext.adversarial`): each step first finds, by projected gradient descent, the "
+            "perturbation within this radius that brings the unsafe embeddings back towards the original ones, then "
+            "pushes them away from there and from where they are, as adversarial unlearning (AdvUnlearn) does. 0: "
+            "SafeText as in the paper"
+        },
+    )
+    adversarial_steps: int = field(
+        default=3, metadata={"help": "projected gradient steps that find the perturbation (with adversarial_epsilon)"}
+    )
+    adversarial_layer: int = field(
+        default=0,
+        metadata={
+            "help": "the transformer block whose input is perturbed: 0 perturbs the token and position embeddings "
+            "(what a prompt's words can reach); a later block perturbs the words in context, where synonyms and "
+            "paraphrases lie closer together"
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={
@@ -214,6 +235,11 @@ class AlignmentConfig:
                 raise ValueError(f"lora_dropout={self.lora_dropout!r} needs lora_rank (LoRA is off without a rank)")
         if not isinstance(self.train_embeddings, bool):
             raise ValueError(f"train_embeddings={self.train_embeddings!r} must be true or false")
+        _check_range("adversarial_epsilon", self.adversarial_epsilon, 0.0, math.inf, high_inclusive=False)
+        _check_positive_int("adversarial_steps", self.adversarial_steps)
+        layer = self.adversarial_layer
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise ValueError(f"adversarial_layer={layer!r} must be a whole number >= 0")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be true or false")
         _check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)

@@ -67,6 +67,11 @@ def effectiveness_loss(embeddings, reference, mask, distance="negcosine", relati
     return embedding_distance(embeddings, reference, mask, distance, relative).mean()
 
 
+def _one_position(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled vectors [batch, dim] as a sequence of one position [batch, 1, dim], and its mask."""
+    return vectors.unsqueeze(1), torch.ones(vectors.shape[0], 1, dtype=torch.bool, device=vectors.device)
+
+
 def safetext_loss(
     safe_embeddings: torch.Tensor,
     safe_reference: torch.Tensor,
@@ -119,11 +124,8 @@ def safetext_loss(
     if any(tensor is None for tensor in pooled):
         raise ValueError("give the aligned and original pooled vectors of both safe and unsafe prompts, or none")
 
-    def one_position(vectors):  # [batch, dim] -> [batch, 1, dim] and its mask
-        return vectors.unsqueeze(1), torch.ones(vectors.shape[0], 1, dtype=torch.bool, device=vectors.device)
-
-    (safe_x, safe_m), (safe_y, _) = one_position(safe_pooled), one_position(safe_pooled_reference)
-    (unsafe_x, unsafe_m), (unsafe_y, _) = one_position(unsafe_pooled), one_position(unsafe_pooled_reference)
+    (safe_x, safe_m), (safe_y, _) = _one_position(safe_pooled), _one_position(safe_pooled_reference)
+    (unsafe_x, unsafe_m), (unsafe_y, _) = _one_position(unsafe_pooled), _one_position(unsafe_pooled_reference)
     l_u_pooled = utility_loss(safe_x, safe_y, safe_m, utility_distance, relative)
     l_e_pooled = effectiveness_loss(unsafe_x, unsafe_y, unsafe_m, effectiveness_distance, relative)
     total_u = l_u + pooled_weight * l_u_pooled
@@ -137,3 +139,25 @@ def safetext_loss(
         "effectiveness_loss_sequence": l_e,
         "effectiveness_loss_pooled": l_e_pooled,
     }
+
+
+def unsafe_effectiveness(
+    unsafe_embeddings: torch.Tensor,
+    unsafe_reference: torch.Tensor,
+    unsafe_mask: torch.Tensor,
+    distance: str = "negcosine",
+    relative: bool = True,
+    *,
+    unsafe_pooled: torch.Tensor | None = None,
+    unsafe_pooled_reference: torch.Tensor | None = None,
+    pooled_weight: float = 1.0,
+) -> torch.Tensor:
+    """L_e alone, the pooled vector's term included as in `safetext_loss`: what an adversary of the alignment
+    makes small (`safetext.adversarial`)."""
+    l_e = effectiveness_loss(unsafe_embeddings, unsafe_reference, unsafe_mask, distance, relative)
+    if unsafe_pooled is None and unsafe_pooled_reference is None:
+        return l_e
+    if unsafe_pooled is None or unsafe_pooled_reference is None:
+        raise ValueError("give the aligned and original pooled vectors of the unsafe prompts, or neither")
+    (x, m), (y, _) = _one_position(unsafe_pooled), _one_position(unsafe_pooled_reference)
+    return l_e + pooled_weight * effectiveness_loss(x, y, m, distance, relative)
