@@ -10,7 +10,11 @@ A float32 matmul peak is measured in the same process, so the final ratio is com
 Prints the figures and, as its last line, `ratio_to_matmul_peak=<x>`; writes them to
 `benchmarks/results/align_throughput.json`.
 
-    python benchmarks/align_throughput.py [--steps 6] [--batch-size 8]
+With `--adversarial-epsilon EPS` the same run is repeated with the adversary (`safetext.adversarial`) and its step
+time reported as a ratio to the plain step's, both measured in this run; the record then goes to
+`benchmarks/results/align_throughput-adversarial.json`.
+
+    python benchmarks/align_throughput.py [--steps 6] [--batch-size 8] [--adversarial-epsilon 0.3]
 """
 
 import argparse
@@ -18,6 +22,7 @@ import copy
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -119,8 +124,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="training steps (the first is warm-up)")
     # the library's default batch: 8 unsafe + 8 safe prompts a step
     parser.add_argument("--batch-size", type=int, default=8, help="unsafe prompts per step (as many safe ones)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "align_throughput.json")
+    parser.add_argument(
+        "--adversarial-epsilon",
+        type=float,
+        default=None,
+        help="also time the same run with the adversary at this radius (its default steps and block), as a ratio",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="result file (default: results/align_throughput*.json)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        suffix = "-adversarial" if args.adversarial_epsilon else ""
+        args.out = Path(__file__).parent / "results" / f"align_throughput{suffix}.json"
 
     peak = matmul_peak()
     config = sd14_text_encoder_config()
@@ -135,17 +149,27 @@ def main(argv=None) -> int:
             checkpoints_total_limit=1,
         )
         n_train = args.batch_size * args.steps
-        result = align(
-            model_dir,
-            {"unsafe": prompts("unsafe", n_train + 2)},
-            {"safe": prompts("safe", n_train + 2)},
-            Path(tmp) / "out",
-            run_config,
-            show_progress=False,
-        )
-        log = [json.loads(line) for line in (Path(tmp) / "out" / "logs" / "train_log.jsonl").read_text().splitlines()]
-        cached_step = (log[-1]["seconds"] - log[0]["seconds"]) / (len(log) - 1)
+
+        def timed_run(config):
+            result = align(
+                model_dir,
+                {"unsafe": prompts("unsafe", n_train + 2)},
+                {"safe": prompts("safe", n_train + 2)},
+                Path(tmp) / "out",
+                config,
+                overwrite=True,
+                show_progress=False,
+            )
+            lines = (Path(tmp) / "out" / "logs" / "train_log.jsonl").read_text().splitlines()
+            log = [json.loads(line) for line in lines]
+            return result, log, (log[-1]["seconds"] - log[0]["seconds"]) / (len(log) - 1)
+
+        result, log, cached_step = timed_run(run_config)
         uncached_step = time_uncached_step(model_dir, args.batch_size, repeats=3)
+        adversarial_step = None
+        if args.adversarial_epsilon:
+            adversarial = replace(run_config, adversarial_epsilon=args.adversarial_epsilon)
+            _, _, adversarial_step = timed_run(adversarial)
     peak_after = matmul_peak()
     peak = max(peak, peak_after)
 
@@ -167,6 +191,19 @@ def main(argv=None) -> int:
         "matmul_peak_flops": peak,
         "ratio_to_matmul_peak": ratio,
         "torch_threads": torch.get_num_threads(),
+        **(
+            {}
+            if adversarial_step is None
+            else {
+                "adversarial": {
+                    "epsilon": args.adversarial_epsilon,
+                    "steps": AlignmentConfig().adversarial_steps,
+                    "layer": AlignmentConfig().adversarial_layer,
+                },
+                "seconds_per_step_adversarial": adversarial_step,
+                "adversarial_cost_ratio": adversarial_step / cached_step,
+            }
+        ),
         "versions": package_versions(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +217,11 @@ def main(argv=None) -> int:
         f"({record['speedup_from_cache']:.2f}x)"
     )
     print(f"achieved: {achieved / 1e9:.1f} GFLOP/s")
+    if adversarial_step is not None:
+        print(
+            f"step with the adversary (epsilon {args.adversarial_epsilon}): {adversarial_step:.3f} s, "
+            f"{record['adversarial_cost_ratio']:.2f}x the plain step"
+        )
     print(f"ratio_to_matmul_peak={ratio:.3f}")
     return 0
 

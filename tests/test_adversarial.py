@@ -147,6 +147,11 @@ def test_adversarial_alignment_logs_its_adversary_and_resumes_exactly(tiny_pipel
     record = read_record(tmp_path / "full")
     assert {k: record["config"][k] for k in ADVERSARY} == ADVERSARY
     assert "adversarial_effectiveness_loss" in record["training"]["final_losses"]
+    assert "worst-case perturbation" in record["method"]
+    assert "worst-case" not in read_record(tmp_path / "plain")["method"]
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "entering block 1, within 0.2 of each token's norm, found by 2 projected gradient steps" in card
+    assert "projected gradient" not in (tmp_path / "plain" / "README.md").read_text()
 
     short = replace(full, max_train_steps=3)
     align(tiny_pipeline_dir, *sets(*prompt_lists), tmp_path / "resumed", short, show_progress=False)

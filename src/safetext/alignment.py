@@ -3,6 +3,9 @@
 Read `align` top to bottom: prepare the data, claim the output folder, load the tokenizers and text encoders (never
 the UNet, transformer or VAE), cache the frozen reference conditioning once, train with Accelerate, measure, export.
 
+With `adversarial_epsilon` above 0 each step first lets an adversary (`safetext.adversarial`) find the perturbation
+of the unsafe prompts' hidden states that brings them back, and pushes from there as well.
+
 Every pipeline family (`safetext.families`) goes through the same loop: the trained object is the family's text
 encoders as one module (`TextEncoders`), whose output is what the denoiser receives, a token sequence and, for
 SDXL, SD3 and FLUX, a pooled vector; both enter the objective. Encoders outside `train_encoders` stay frozen and
@@ -591,7 +594,8 @@ def align(
     # 7. Export (main process only).
     record = {
         "format": "safetext.alignment/1",
-        "method": "SafeText (arXiv 2502.20623)",
+        "method": "SafeText (arXiv 2502.20623)"
+        + (", pushed from a worst-case perturbation as well (safetext.adversarial)" if perturbation else ""),
         "model": {**loaded.source, "family": loaded.family, "pipeline_involved": not loaded.bare},
         "config": config.to_dict(),
         "objective": {
@@ -682,12 +686,12 @@ def _perturb_unsafe(
     shapes = {}
     for name in train_encoders:
         spec = spec_of[name]
-        mask = tokens.attention_mask[spec.tokenizer].bool().clone()
+        moved = tokens.attention_mask[spec.tokenizer].bool().clone()
         if spec.starts_with_bos:
-            mask[:, 0] = False  # BOS is the same for every prompt: only the prompt's own tokens move
-        perturbation.masks[name] = mask
+            moved[:, 0] = False  # BOS is the same for every prompt: only the prompt's own tokens move
+        perturbation.masks[name] = moved
         width = model.text_encoders[name].get_input_embeddings().embedding_dim
-        shapes[name] = (len(u_idx), mask.shape[1], width)
+        shapes[name] = (len(u_idx), moved.shape[1], width)
     device = accelerator.device
     reference = train_unsafe.reference[u_idx].to(device)
     mask = train_unsafe.mask[u_idx].to(device)

@@ -89,6 +89,16 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _adversary_sentence(config: dict) -> str:
+    if not config.get("adversarial_epsilon"):
+        return ""
+    return (
+        " Each step also pushed the unsafe prompts from a worst-case perturbation of their hidden states entering "
+        f"block {config['adversarial_layer']}, within {config['adversarial_epsilon']} of each token's norm, found by "
+        f"{config['adversarial_steps']} projected gradient steps (`safetext.adversarial`)."
+    )
+
+
 def _lora_section(record: dict) -> str:
     lora = record.get("lora")
     if not lora:
@@ -160,7 +170,9 @@ This folder holds a text encoder aligned with **SafeText** (Hu, Jiang and Gong, 
 away from where the original encoder put them (negative cosine) while the embeddings of safe prompts stay in
 place (Euclidean distance), minimising `L_u - lambda * L_e` with lambda = {config["effectiveness_weight"]}
 ({config["distance_scale"]} distances; positions `{config["utility_positions"]}` for safe and
-`{config["effectiveness_positions"]}` for unsafe prompts). Only the text encoders named below changed
+`{config["effectiveness_positions"]}` for unsafe prompts).{
+        _adversary_sentence(config)
+    } Only the text encoders named below changed
 ({", ".join(trained)}; family `{model.get("family")}`); use them with the original diffusion model. {
         "No diffusion pipeline was involved: the alignment acted on embeddings only."
         if not model["pipeline_involved"]
