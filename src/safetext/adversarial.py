@@ -4,22 +4,22 @@ SafeText pushes the embeddings of its unsafe training prompts away from where th
 (a synonym, a paraphrase, an attack's tokens) may still lead to the old embedding. Adversarial training, as
 AdvUnlearn (Zhang et al., 2024) does for the text encoder and latent adversarial training (Casper et al., 2024) for
 language models, pushes from the worst point near each unsafe prompt instead. Here that point is a perturbation
-delta of the hidden states entering one transformer layer of each trained encoder (layer 0: the token and position
-embeddings), at every prompt token but BOS, with ||delta_t|| <= epsilon * ||h_t|| per token, found by a few steps of
-projected gradient descent to bring the encoder's output back towards the original embedding, that is to make L_e
-small. The outer step then makes L_e large there and at the prompt itself:
+delta of the hidden states entering one transformer block of each trained encoder (block 0: the token embeddings,
+with CLIP's position embeddings added), at every prompt token but BOS, with ||delta_t|| <= epsilon * ||h_t||, found
+by a few steps of projected gradient descent to bring the encoder's output back towards the original embedding,
+that is to make L_e small. The outer step then makes L_e large there and at the prompt itself:
 
     min_theta  L_u(theta) - lambda * (L_e(theta, 0) + min_{delta} L_e(theta, delta)) / 2
 
 The clean term is needed: the untouched encoder is the adversary's optimum (cosine 1), where the cosine has no
-gradient, and an adversary that can put the embedding back keeps the push at the worst point from ever starting
-(measured on MiniWorld: with the worst point alone and epsilon 0.05 the unsafe prompts stayed at cosine 0.99). With
-epsilon 0 SafeText is run exactly as in the paper.
+gradient, so an adversary that can put the embedding back keeps a push from the worst point alone from ever
+starting (on MiniWorld, with epsilon 0.05, the unsafe prompts did not move). With epsilon 0 SafeText runs exactly
+as in the paper.
 """
 
-import math
-
 import torch
+
+_GRADIENT_SCALE = 1024.0
 
 # name endings under which transformers keeps an encoder's stack of blocks: CLIP and BART-like models ("layers"),
 # T5 ("block"), BERT ("layer")
@@ -106,27 +106,27 @@ def worst_case_deltas(
     steps: int,
     generator: torch.Generator,
     device,
-) -> tuple[dict[str, torch.Tensor], float]:
+) -> dict[str, torch.Tensor]:
     """Projected gradient descent on `loss_of(deltas)` within the epsilon-ball at every token.
 
-    Starts from a random point of the ball (`generator`, so that a resumed run repeats an uninterrupted one), takes
-    `steps` steps of size 2.5 * epsilon / steps along each token's normalised gradient (Madry et al.'s choice, which
-    can cross the ball in fewer steps than it has), projecting back after each.
+    Starts from a random point of the ball (`generator`, so that a resumed run repeats an uninterrupted one) and
+    takes `steps` steps of size 2.5 * epsilon / steps along each token's normalised gradient, projecting back after
+    each: the path, 2.5 epsilon in all, is longer than the ball's diameter, so the search can reach any point of the
+    ball from any start (the usual choice in adversarial training since Madry et al.).
 
     Returns:
-        The perturbations found (detached) and the loss at the last point evaluated.
+        The perturbations found, detached.
     """
     deltas = {name: random_start(shape, epsilon, generator).to(device) for name, shape in shapes.items()}
     step_size = 2.5 * epsilon / steps
-    loss_value = math.nan
     for _ in range(steps):
         for delta in deltas.values():
             delta.requires_grad_(True)
-        loss = loss_of(deltas)
-        grads = torch.autograd.grad(loss, list(deltas.values()))
-        loss_value = float(loss.detach())
+        # scaled so that fp16 gradients do not underflow; the step is normalised per token, so the scale changes
+        # nothing else
+        grads = torch.autograd.grad(loss_of(deltas) * _GRADIENT_SCALE, list(deltas.values()))
         deltas = {
             name: project(delta.detach() - step_size * grad / _per_token_norm(grad).clamp_min(1e-12), epsilon)
             for (name, delta), grad in zip(deltas.items(), grads)
         }
-    return deltas, loss_value
+    return deltas

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from safetext.adversarial import HiddenStatePerturbation, worst_case_deltas
+from safetext.adversarial import HiddenStatePerturbation, transformer_layers, worst_case_deltas
 from safetext.checkpointing import (
     list_checkpoints,
     load_checkpoint,
@@ -354,6 +354,15 @@ def align(
             )
         except ValueError as error:
             raise SafeTextError(str(error)) from None
+        for spec in pipeline_family.encoders:
+            last = len(transformer_layers(loaded.text_encoders[spec.text_encoder])) - 1
+            unread = spec.hidden_state == "penultimate" and spec.pooled is None and config.adversarial_layer >= last
+            if spec.text_encoder in train_encoders and unread:
+                raise SafeTextError(
+                    f"adversarial_layer={config.adversarial_layer}: {spec.text_encoder} gives the pipeline the input "
+                    f"of its last block (layer {last}), so a perturbation there never reaches the conditioning; "
+                    f"choose a layer below {last}"
+                )
     encoders = TextEncoders(pipeline_family, loaded.text_encoders, loaded.tokenizers)
     fingerprint = _fingerprint(loaded.source, pipeline_family.name, config, groups)
     _check_output_dir(output_dir, fingerprint, resume, overwrite)
@@ -491,9 +500,8 @@ def align(
         s_idx = _batch(
             permutations_safe, len(train_safe.prompts), safe_batch, epoch, step_in_epoch, config.seed, 1, rank, world
         )
-        adversary_terms = {}
         if perturbation is not None:
-            adversary_terms = _perturb_unsafe(
+            _perturb_unsafe(
                 perturbation, accelerator, encoders, pipeline_family, train_encoders, train_unsafe, u_idx, config, step
             )
             # The unsafe prompts twice: perturbed (the first rows, where the hooks act), then as they are. L_e is the
@@ -529,6 +537,20 @@ def align(
             relative=config.distance_scale == "relative",
             **pooled_terms,
         )
+        if perturbation is not None:
+            # for the log: L_e at the worst point the adversary found (the first, perturbed half of the unsafe rows)
+            half = len(u_idx) // 2
+            with torch.no_grad():
+                terms["adversarial_effectiveness_loss"] = unsafe_effectiveness(
+                    unsafe_emb[:half],
+                    train_unsafe.reference[u_idx[:half]].to(device),
+                    train_unsafe.mask[u_idx[:half]].to(device),
+                    config.effectiveness_distance,
+                    config.distance_scale == "relative",
+                    unsafe_pooled=None if pooled is None else pooled_terms["unsafe_pooled"][:half],
+                    unsafe_pooled_reference=None if pooled is None else pooled_terms["unsafe_pooled_reference"][:half],
+                    pooled_weight=config.pooled_weight,
+                )
         # One gather per step: every process sees every loss, so all of them stop together on a NaN.
         gathered = accelerator.gather(torch.stack([value.detach() for value in terms.values()]).unsqueeze(0))
         if not torch.isfinite(gathered).all():
@@ -549,7 +571,7 @@ def align(
 
         done = step + 1
         mean_terms = gathered.float().mean(dim=0).tolist()
-        last_terms = {**dict(zip(terms, mean_terms)), **adversary_terms}
+        last_terms = dict(zip(terms, mean_terms))
         progress.update(1)
         progress.set_postfix(L_u=f"{mean_terms[0]:.4f}", L_e=f"{mean_terms[1]:.4f}", loss=f"{mean_terms[2]:.4f}")
         if accelerator.is_main_process and (done % config.log_every == 0 or done == total_steps):
@@ -675,11 +697,8 @@ def _perturb_unsafe(
     u_idx: torch.Tensor,
     config: AlignmentConfig,
     step: int,
-) -> dict:
-    """Finds the worst-case perturbation of this step's unsafe prompts and leaves it set on `perturbation`.
-
-    Returns the adversary's L_e (at the last point its search evaluated), for the log.
-    """
+) -> None:
+    """Finds the worst-case perturbation of this step's unsafe prompts and leaves it set on `perturbation`."""
     model = accelerator.unwrap_model(encoders)  # the search's passes are not training passes: no DDP wrapper
     tokens = train_unsafe.tokens.select(u_idx)
     spec_of = {spec.text_encoder: spec for spec in pipeline_family.encoders}
@@ -716,11 +735,9 @@ def _perturb_unsafe(
 
     # seeded by step and process, so that a resumed run draws the same starting points as an uninterrupted one
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + accelerator.process_index + 7)
-    deltas, adversary_loss = worst_case_deltas(
+    perturbation.deltas = worst_case_deltas(
         unsafe_loss, shapes, config.adversarial_epsilon, config.adversarial_steps, generator, device
     )
-    perturbation.deltas = deltas
-    return {"adversarial_effectiveness_loss": adversary_loss}
 
 
 def _train_lora_dropout(peft_model) -> None:

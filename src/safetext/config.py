@@ -130,11 +130,11 @@ class AlignmentConfig:
     adversarial_epsilon: float = field(
         default=0.0,
         metadata={
-            "help": "radius of the worst-case perturbation of the unsafe prompts' hidden states, per token and relative "
-            "to the token's norm (`safetext.adversarial`): each step first finds, by projected gradient descent, the "
+            "help": "radius of the worst-case perturbation of the unsafe prompts' hidden states, as a multiple of each "
+            "token's norm (`safetext.adversarial`): each step first finds, by projected gradient descent, the "
             "perturbation within this radius that brings the unsafe embeddings back towards the original ones, then "
             "pushes them away from there and from where they are, as adversarial unlearning (AdvUnlearn) does. 0: "
-            "SafeText as in the paper"
+            "SafeText as in the paper, and the two settings below are ignored"
         },
     )
     adversarial_steps: int = field(
@@ -143,9 +143,9 @@ class AlignmentConfig:
     adversarial_layer: int = field(
         default=0,
         metadata={
-            "help": "the transformer block whose input is perturbed: 0 perturbs the token and position embeddings "
-            "(what a prompt's words can reach); a later block perturbs the words in context, where synonyms and "
-            "paraphrases lie closer together"
+            "help": "the transformer block whose input is perturbed (with adversarial_epsilon): 0 perturbs the token "
+            "embeddings (with CLIP's position embeddings added), what a prompt's words can reach; a later block "
+            "perturbs the words in context"
         },
     )
     gradient_checkpointing: bool = field(

@@ -94,7 +94,7 @@ def _adversary_sentence(config: dict) -> str:
         return ""
     return (
         " Each step also pushed the unsafe prompts from a worst-case perturbation of their hidden states entering "
-        f"block {config['adversarial_layer']}, within {config['adversarial_epsilon']} of each token's norm, found by "
+        f"block {config['adversarial_layer']}, at most {config['adversarial_epsilon']} times each token's norm, found by "
         f"{config['adversarial_steps']} projected gradient steps (`safetext.adversarial`)."
     )
 
