@@ -243,3 +243,32 @@ def test_without_an_adversary_its_settings_do_not_change_the_run(tiny_pipeline_d
             resume=True,
             show_progress=False,
         )
+
+
+def test_a_frozen_t5_runs_once_per_step_however_long_the_search(prompt_lists, tmp_path, monkeypatch):
+    from transformers import T5EncoderModel
+
+    flux = create_tiny_pipeline(tmp_path / "tiny-flux", family="flux", seed=0)
+    calls = []
+    forward = T5EncoderModel.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(T5EncoderModel, "forward", counted)
+    counts = {}
+    for name, adversary in {
+        "plain": {},
+        "1 step": {"adversarial_steps": 1},
+        "3 steps": {"adversarial_steps": 3},
+    }.items():
+        calls.clear()
+        if adversary:
+            adversary = {**adversary, "adversarial_epsilon": 0.2}
+        config = AlignmentConfig(max_train_steps=2, **RESUME_SETTINGS, **adversary)
+        result = align(flux, *sets(*prompt_lists), tmp_path / name.replace(" ", "-"), config, show_progress=False)
+        assert result.record["training"]["frozen_encoders"] == ["text_encoder_2"]
+        counts[name] = len(calls)
+    # the search adds one T5 pass per training step, whatever its number of steps
+    assert counts["1 step"] == counts["3 steps"] == counts["plain"] + 2

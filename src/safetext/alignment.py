@@ -33,7 +33,7 @@ from safetext.checkpointing import (
 from safetext.conditioning import TextEncoders
 from safetext.config import AlignmentConfig
 from safetext.errors import SafeTextError
-from safetext.families import Conditioning, Tokens
+from safetext.families import Conditioning, Tokens, encode_tokens
 from safetext.loading import load_text_encoder
 from safetext.lora import ADAPTER_SUFFIX, add_lora_adapter, encoder_sha256, resolve_target_modules
 from safetext.losses import safetext_loss, unsafe_effectiveness
@@ -687,6 +687,24 @@ def align(
     return AlignmentResult(output_dir=output_dir, record=record)
 
 
+class _RunOnce:
+    """Stands in for a frozen encoder: runs it on the first call and returns that output again on every later one
+    (the adversary's search calls it with the same prompts each time). Attributes are the encoder's."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.output = None
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.output is None:
+            with torch.no_grad():
+                self.output = self.encoder(*args, **kwargs)
+        return self.output
+
+
 def _perturb_unsafe(
     perturbation: HiddenStatePerturbation,
     accelerator,
@@ -718,17 +736,23 @@ def _perturb_unsafe(
     if train_unsafe.pooled_reference is not None:
         pooled_reference = train_unsafe.pooled_reference[u_idx].to(device)
 
+    # a frozen encoder's part of the conditioning does not depend on the perturbation: it runs once per step, not
+    # once per search step (SD3's and FLUX's T5 is most of the text side's compute)
+    stand_ins = {
+        name: encoder if name in train_encoders else _RunOnce(encoder) for name, encoder in model.text_encoders.items()
+    }
+
     def unsafe_loss(deltas):
         perturbation.deltas = deltas
         with accelerator.autocast():
-            sequence, pooled = model(tokens)
+            conditioning = encode_tokens(pipeline_family, stand_ins, tokens)
         return unsafe_effectiveness(
-            sequence,
+            conditioning.sequence,
             reference,
             mask,
             config.effectiveness_distance,
             config.distance_scale == "relative",
-            unsafe_pooled=pooled,
+            unsafe_pooled=conditioning.pooled,
             unsafe_pooled_reference=pooled_reference,
             pooled_weight=config.pooled_weight,
         )
