@@ -524,13 +524,14 @@ def align(
                 "unsafe_pooled_reference": train_unsafe.pooled_reference[u_idx].to(device),
                 "pooled_weight": config.pooled_weight,
             }
+        unsafe_reference, unsafe_mask = train_unsafe.reference[u_idx].to(device), train_unsafe.mask[u_idx].to(device)
         terms = safetext_loss(
             safe_emb,
             train_safe.reference[s_idx].to(device),
             train_safe.mask[s_idx].to(device),
             unsafe_emb,
-            train_unsafe.reference[u_idx].to(device),
-            train_unsafe.mask[u_idx].to(device),
+            unsafe_reference,
+            unsafe_mask,
             effectiveness_weight=config.effectiveness_weight,
             utility_distance=config.utility_distance,
             effectiveness_distance=config.effectiveness_distance,
@@ -543,8 +544,8 @@ def align(
             with torch.no_grad():
                 terms["adversarial_effectiveness_loss"] = unsafe_effectiveness(
                     unsafe_emb[:half],
-                    train_unsafe.reference[u_idx[:half]].to(device),
-                    train_unsafe.mask[u_idx[:half]].to(device),
+                    unsafe_reference[:half],
+                    unsafe_mask[:half],
                     config.effectiveness_distance,
                     config.distance_scale == "relative",
                     unsafe_pooled=None if pooled is None else pooled_terms["unsafe_pooled"][:half],
