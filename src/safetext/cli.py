@@ -63,8 +63,9 @@ def _add_align(subparsers) -> None:
         "--adversarial-epsilon",
         type=float,
         default=defaults.adversarial_epsilon,
-        help="push the unsafe prompts away from the worst point within this radius of their hidden states (per "
-        "token, relative to its norm), as adversarial unlearning does (default 0: SafeText as in the paper)",
+        help="push the unsafe prompts away from where they are and from the worst point within this radius of their "
+        "hidden states (per token, relative to its norm), as adversarial unlearning does (default 0: SafeText as in "
+        "the paper)",
     )
     p.add_argument(
         "--adversarial-steps",
