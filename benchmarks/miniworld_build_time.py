@@ -6,7 +6,8 @@ measured seconds per step; the pools' rendering and encoding are left out. The U
 mini-CLIP and autoencoder just trained, which have the recipe's shapes. Prints the figures and, as its last line,
 `ratio_to_budget=<x>`; writes them to `benchmarks/results/miniworld_build_time.json`.
 
-A variant of the recipe (`--autoencoder-mixed-precision no|bf16`: the autoencoder in float32 or under bfloat16
+A variant of the recipe (`--clip-mixed-precision no|bf16`: the mini-CLIP in float32 or under bfloat16 autocast;
+`--autoencoder-mixed-precision no|bf16`: the autoencoder in float32 or under bfloat16
 autocast; `--autoencoder-crop-size 32|none`: the autoencoder trained on 32x32 crops or on whole pictures;
 `--unet-mixed-precision no|bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
 `--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; an option not given keeps
@@ -14,7 +15,8 @@ the recipe's setting) is timed together with the recipe itself in the same run, 
 as a ratio to the recipe's; its figures go to `miniworld_build_time-<changes>.json`, named by what differs from the
 recipe. That projects time only: whether a variant reaches the recipe's quality takes a full build to tell.
 
-    python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--autoencoder-mixed-precision no|bf16]
+    python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--clip-mixed-precision no|bf16]
+        [--autoencoder-mixed-precision no|bf16]
         [--autoencoder-crop-size 32|none] [--unet-mixed-precision no|bf16] [--unet-attention-at-16x16]
         [--unet-attention-heads 2,8,8]
 """
@@ -62,6 +64,8 @@ def _crop_size(text: str) -> int | None:
 def _changes(recipe: BuildConfig, variant: BuildConfig) -> list[str]:
     """How the variant differs from the recipe, in the words that name its result file."""
     changes = []
+    if variant.clip.mixed_precision != recipe.clip.mixed_precision:
+        changes.append(f"clip-{variant.clip.mixed_precision}")
     if variant.autoencoder.mixed_precision != recipe.autoencoder.mixed_precision:
         changes.append(f"autoencoder-{variant.autoencoder.mixed_precision}")
     if variant.autoencoder.crop_size != recipe.autoencoder.crop_size:
@@ -82,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="steps timed per stage")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clip-mixed-precision", choices=("no", "bf16"), help="default: the recipe's")
     parser.add_argument("--autoencoder-mixed-precision", choices=("no", "bf16"), help="default: the recipe's")
     parser.add_argument(
         "--autoencoder-crop-size",
@@ -111,6 +116,7 @@ def main() -> None:
     try:
         variant = BuildConfig(
             device=args.device,
+            clip=replace(recipe.clip, mixed_precision=args.clip_mixed_precision or recipe.clip.mixed_precision),
             autoencoder=replace(
                 recipe.autoencoder,
                 mixed_precision=args.autoencoder_mixed_precision or recipe.autoencoder.mixed_precision,

@@ -170,6 +170,25 @@ def test_mini_clip_records_its_hard_negatives_and_can_train_without_them(tmp_pat
     assert plain["hard_negatives_per_step"] == 0 and plain["hard_negative_accuracy"] is None
 
 
+def test_mini_clip_trains_under_bf16_autocast_with_float32_weights(tmp_path):
+    import json
+
+    from transformers import CLIPTextModel
+
+    full = train_mini_clip(TINY.clip, tmp_path / "fp32")
+    mixed = train_mini_clip(replace(TINY.clip, mixed_precision="bf16"), tmp_path / "bf16")
+    assert mixed["config"]["mixed_precision"] == "bf16"
+    # the same initialisation and batches: the first loss differs only by bfloat16's rounding in the towers
+    assert mixed["losses"][0] == pytest.approx(full["losses"][0], rel=0.05)
+    assert mixed["losses"] != full["losses"]
+    assert all(math.isfinite(loss) for loss in mixed["losses"])
+    text_encoder = CLIPTextModel.from_pretrained(tmp_path / "bf16" / "text_encoder")
+    assert {p.dtype for p in text_encoder.parameters()} == {torch.float32}
+    # the eager attention it trained with on the CPU is not written into the folder users load
+    saved = json.loads((tmp_path / "bf16" / "text_encoder" / "config.json").read_text())
+    assert not any("attn" in key for key in saved)
+
+
 def test_unet_trains_under_bf16_autocast_with_float32_weights(stages, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -415,6 +434,7 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: AutoencoderConfig(block_out_channels=(32, 48, 64), norm_num_groups=32), "multiples of norm_num"),
         (lambda: AutoencoderConfig(train_batch_size=64, num_pictures=32), "num_pictures must be at least"),
         (lambda: AutoencoderConfig(mixed_precision="fp16"), "mixed_precision must be 'no' or 'bf16'"),
+        (lambda: MiniClipConfig(mixed_precision="fp16"), "mixed_precision must be 'no' or 'bf16'"),
         (lambda: AutoencoderConfig(crop_size=28), "crop_size must be None or a multiple of 4 from 32 to 64"),
         (lambda: AutoencoderConfig(crop_size=34), "crop_size must be None or a multiple of 4 from 32 to 64"),
         (lambda: AutoencoderConfig(crop_size=68), "crop_size must be None or a multiple of 4 from 32 to 64"),

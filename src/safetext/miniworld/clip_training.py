@@ -65,6 +65,11 @@ class MiniClipConfig:
         hard_negatives: give each picture whose scene carries an attribute a hard negative caption, the same scene
             with one attribute swapped for another of its kind, among the captions it is contrasted with. Off in
             the recipe (see the module's docstring); about 80 negatives per batch of 256, 20% more time per step.
+        mixed_precision: "bf16" runs both towers under bfloat16 autocast (weights, optimiser, temperature and the
+            loss stay float32); on a CPU the text tower's attention then runs in transformers' eager implementation,
+            since PyTorch's CPU scaled-dot-product attention is slow in bfloat16 (1.68 times the float32 step on two
+            cores, against 1.10 with it; `benchmarks/miniworld_build_time.py --clip-mixed-precision bf16` times it).
+            "no" trains in float32.
         seed: seed of the scenes, captions and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
@@ -82,10 +87,13 @@ class MiniClipConfig:
     lr_warmup_steps: int = 100
     weight_decay: float = 0.1
     hard_negatives: bool = False
+    mixed_precision: str = "no"
     seed: int = 0
     num_threads: int = 2
 
     def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         for name in (
             "hidden_size",
             "num_hidden_layers",
@@ -237,6 +245,9 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
     vision_tower = VisionTower(config.projection_dim, config.vision_channels)
     # CLIP's initial temperature 0.07
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
+    if config.mixed_precision == "bf16" and torch.device(device).type == "cpu":
+        # training only: the saved config names no attention implementation
+        text_encoder.set_attn_implementation("eager")
     modules = nn.ModuleList([text_encoder, text_projection, vision_tower]).to(device)
     decay = [p for n, p in modules.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in modules.named_parameters() if p.ndim < 2 or "embedding" in n]
@@ -258,6 +269,9 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
     pool_seconds = time.time() - pool_start
     order = epoch_order(rng, config.num_scenes, config.max_train_steps * config.train_batch_size)
 
+    autocast = torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"
+    )
     modules.train()
     losses, negatives_per_step, hard_negative_wins = [], [], []
     loop_start = time.time()
@@ -274,8 +288,11 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
         # padding to the longest caption, not to 77, is exact here: the causal mask hides later positions from the
         # EOS token whose state is pooled, and it saves most of the text tower's compute
         input_ids = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt").input_ids
-        text_embeds = text_projection(text_encoder(input_ids=input_ids.to(device)).pooler_output)
-        image_embeds = vision_tower(pixel_values.to(device))
+        with autocast:
+            text_embeds = text_projection(text_encoder(input_ids=input_ids.to(device)).pooler_output)
+            image_embeds = vision_tower(pixel_values.to(device))
+        # the loss in float32, whatever the towers ran in
+        text_embeds, image_embeds = text_embeds.float(), image_embeds.float()
         terms = contrastive_loss(
             image_embeds,
             text_embeds[:num_captions],

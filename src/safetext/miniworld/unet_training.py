@@ -63,9 +63,7 @@ class UNetConfig:
             build with it (2 heads at 16x16) drew stripes no more often (docs/miniworld.md).
         mixed_precision: "bf16" runs the UNet's forward and backward passes under bfloat16 autocast (weights,
             optimiser, the frozen text encoder and the loss stay float32); "no" trains in float32, as the shipped
-            build did. Meant for GPU builds: on two CPU cores it gains nothing (0.93 times the recipe's speed, in a
-            run where the unchanged stages varied by up to 18%: `benchmarks/miniworld_build_time.py
-            --unet-mixed-precision bf16`), unlike the autoencoder's convolutions. No build has used it.
+            build did. On a CPU the attention then runs in diffusers' classic processor (see `train_unet`).
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
@@ -160,6 +158,7 @@ def train_unet(
         A record: config, parameter count, losses and wall time.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
     from transformers import CLIPTextModel, CLIPTokenizer
 
     start = time.time()
@@ -191,6 +190,11 @@ def train_unet(
         attention_head_dim=config.attention_head_dim,
         cross_attention_dim=text_encoder.config.hidden_size,
     )
+    if config.mixed_precision == "bf16" and torch.device(device).type == "cpu":
+        # PyTorch's CPU flash attention runs its backward pass about four times slower in bfloat16 than in float32
+        # (profiled on two cores), which undoes what the convolutions gain; the classic processor's matmuls and
+        # softmax follow autocast like the rest of the network. Training only: the saved folder keeps no processor.
+        unet.set_attn_processor(AttnProcessor())
     text_encoder.to(device)
     vae.to(device)
     unet.to(device)
