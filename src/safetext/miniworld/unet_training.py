@@ -141,6 +141,28 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return torch.clamp(snr, max=gamma) / snr
 
 
+def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: int):
+    """A freshly initialised `UNet2DConditionModel` of the config's shape for 16x16 latents, seeded by the caller."""
+    from diffusers import UNet2DConditionModel
+
+    finest_down, finest_up = (
+        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if config.attention_at_16x16 else ("DownBlock2D", "UpBlock2D")
+    )
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        # by default attention at 8x8 and 4x4 (and the mid block) only: at 16x16 it attends over 256 positions,
+        # which halves the speed of a CPU step
+        down_block_types=(finest_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", finest_up),
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        attention_head_dim=config.attention_head_dim,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
 def train_unet(
     config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, output_dir: str | Path, device: str = "cpu"
 ) -> dict:
@@ -157,7 +179,7 @@ def train_unet(
     Returns:
         A record: config, parameter count, losses and wall time.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -174,22 +196,7 @@ def train_unet(
     vae.requires_grad_(False).eval()
 
     torch.manual_seed(config.seed)
-    finest_down, finest_up = (
-        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if config.attention_at_16x16 else ("DownBlock2D", "UpBlock2D")
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=vae.config.latent_channels,
-        out_channels=vae.config.latent_channels,
-        # by default attention at 8x8 and 4x4 (and the mid block) only: at 16x16 it attends over 256 positions,
-        # which halves the speed of a CPU step
-        down_block_types=(finest_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", finest_up),
-        block_out_channels=config.block_out_channels,
-        layers_per_block=config.layers_per_block,
-        attention_head_dim=config.attention_head_dim,
-        cross_attention_dim=text_encoder.config.hidden_size,
-    )
+    unet = build_unet(config, vae.config.latent_channels, text_encoder.config.hidden_size)
     if config.mixed_precision == "bf16" and torch.device(device).type == "cpu":
         # PyTorch's CPU flash attention runs its backward pass about four times slower in bfloat16 than in float32
         # (profiled on two cores), which undoes what the convolutions gain; the classic processor's matmuls and

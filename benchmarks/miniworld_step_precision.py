@@ -1,0 +1,144 @@
+"""Why a MiniWorld UNet training step runs as fast as it does on this machine, in float32 and under bf16 autocast.
+
+Measures, in one process on the recipe's threads:
+- the cores' throughput on a large matrix product and on a 3x3 convolution of the UNet's finest level, in float32
+  and in bfloat16 (the reference: what the hardware gives);
+- the floating-point operations of one UNet training step at the recipe's shapes (batch 64, 16x16x4 latents, 77
+  prompt tokens; `torch.utils.flop_counter`), and its seconds in float32, under bf16 autocast with PyTorch's
+  scaled-dot-product attention, and under bf16 autocast with diffusers' classic attention processor (what
+  `UNetConfig(mixed_precision="bf16")` uses on a CPU);
+- the seconds of the step's attention backward pass in float32 and in bf16 (`torch.profiler`).
+
+Prints each step's GFLOP/s as a share of the float32 matrix product's, the bf16 steps' speed as a ratio to the float32
+step's, and as its last line `bf16_speedup=<x>` (classic attention); writes
+`benchmarks/results/miniworld_step_precision.json`. Times the network's forward and backward passes only, with
+random inputs: no text encoder, data or optimiser (`miniworld_build_time.py` times whole steps).
+
+    python benchmarks/miniworld_step_precision.py [--repeats 5] [--threads 2]
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from safetext.miniworld.unet_training import UNetConfig, build_unet
+
+
+def _seconds(function, repeats: int) -> float:
+    """Median wall time of `function()` over `repeats` calls, after two warm-up calls."""
+    for _ in range(2):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _hardware(repeats: int) -> dict:
+    """GFLOP/s of a 2048^2 matrix product and of a 64-channel 3x3 convolution on 64 16x16 maps, per dtype."""
+    figures = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        matmul = 2 * 2048**3 / _seconds(lambda a=a, b=b: a @ b, repeats)
+        x, w = torch.randn(64, 64, 16, 16, dtype=dtype), torch.randn(64, 64, 3, 3, dtype=dtype)
+        conv = 2 * 64 * 64 * 9 * 16 * 16 * 64 / _seconds(lambda x=x, w=w: F.conv2d(x, w, padding=1), 10 * repeats)
+        figures[name] = {"matmul_gflops": matmul / 1e9, "conv3x3_gflops": conv / 1e9}
+    return figures
+
+
+def _unet(config: UNetConfig, classic_attention: bool):
+    """The recipe's UNet on the shipped mini-CLIP's width (128), freshly initialised."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.manual_seed(0)
+    unet = build_unet(config, latent_channels=4, cross_attention_dim=128).train()
+    if classic_attention:
+        unet.set_attn_processor(AttnProcessor())
+    return unet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure (the median is kept)")
+    parser.add_argument("--threads", type=int, default=UNetConfig().num_threads)
+    args = parser.parse_args()
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be at least 1")
+    torch.set_num_threads(args.threads)
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = UNetConfig()
+    batch = config.train_batch_size
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 4, 16, 16, generator=generator)
+    prompts = torch.randn(batch, 77, 128, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+
+    hardware = _hardware(args.repeats)
+    steps = {}
+    for name, bf16, classic in (
+        ("float32", False, False),
+        ("bf16_sdpa_attention", True, False),
+        ("bf16_classic_attention", True, True),
+    ):
+        unet = _unet(config, classic)
+
+        def step(unet=unet, bf16=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                prediction = unet(latents, timesteps, prompts).sample
+            prediction.float().square().mean().backward()
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        seconds = _seconds(step, args.repeats)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            step()
+        attention_backward = sum(
+            event.self_cpu_time_total
+            for event in profiler.key_averages()
+            if "scaled_dot_product" in event.key and "backward" in event.key
+        )
+        steps[name] = {
+            "gflop": counter.get_total_flops() / 1e9,
+            "seconds": seconds,
+            "gflops": counter.get_total_flops() / 1e9 / seconds,
+            "sdpa_backward_seconds": attention_backward / 1e6,
+        }
+    reference = hardware["float32"]["matmul_gflops"]
+    for figures in steps.values():
+        figures["share_of_float32_matmul"] = figures["gflops"] / reference
+        figures["speedup_over_float32"] = steps["float32"]["seconds"] / figures["seconds"]
+    record = {
+        "command": " ".join(["python benchmarks/miniworld_step_precision.py", *sys.argv[1:]]),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "batch": batch,
+        "hardware": hardware,
+        "unet_step": steps,
+    }
+    out = Path(__file__).parent / "results" / "miniworld_step_precision.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    for name, figures in hardware.items():
+        print(
+            f"{name}: matmul {figures['matmul_gflops']:.0f} GFLOP/s, 3x3 conv {figures['conv3x3_gflops']:.0f} GFLOP/s"
+        )
+    for name, figures in steps.items():
+        print(
+            f"UNet step, {name}: {figures['gflop']:.1f} GFLOP in {figures['seconds']:.3f} s = {figures['gflops']:.0f}"
+            f" GFLOP/s ({figures['share_of_float32_matmul']:.2f} of the float32 matmul), "
+            f"{figures['speedup_over_float32']:.2f}x the float32 step, SDPA backward {figures['sdpa_backward_seconds']:.3f} s"
+        )
+    print(f"bf16_speedup={steps['bf16_classic_attention']['speedup_over_float32']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
