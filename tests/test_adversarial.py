@@ -272,3 +272,24 @@ def test_a_frozen_t5_runs_once_per_step_however_long_the_search(prompt_lists, tm
         counts[name] = len(calls)
     # the search adds one T5 pass per training step, whatever its number of steps
     assert counts["1 step"] == counts["3 steps"] == counts["plain"] + 2
+
+
+def test_inside_align_the_adversary_never_moves_bos(tiny_pipeline_dir, prompt_lists, tmp_path, monkeypatch):
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    # CLIP's attention is causal, so BOS's state entering any block is the same for every prompt of a pass, unless
+    # something moved it; a random start of the search would move it differently in every row
+    first_positions = []
+    forward = CLIPEncoderLayer.forward
+
+    def recorded(self, hidden_states, *args, **kwargs):
+        first_positions.append(hidden_states[:, 0].detach().clone())
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPEncoderLayer, "forward", recorded)
+    config = AlignmentConfig(max_train_steps=2, **RESUME_SETTINGS, **{**ADVERSARY, "adversarial_layer": 0})
+    align(tiny_pipeline_dir, *sets(*prompt_lists), tmp_path / "out", config, show_progress=False)
+    assert read_log(tmp_path / "out")[0]["adversarial_effectiveness_loss"] > -1.0 + 1e-3  # the adversary acted
+    assert len(first_positions) > 2
+    for states in first_positions:
+        assert torch.allclose(states, states[:1].expand_as(states), atol=1e-6)
