@@ -326,8 +326,11 @@ def _add_miniworld(subparsers) -> None:
     build.set_defaults(run=_run_miniworld_build)
     quality = commands.add_parser("quality", help="measure a MiniWorld build's quality gates into its model card")
     quality.add_argument("--model", default="miniworld", help="MiniWorld pipeline folder (default: the shipped one)")
-    quality.add_argument("--steps", type=int, default=50, help="denoising steps (the pipeline's default, 50)")
-    quality.add_argument("--per-class", type=int, default=20, help="single-object prompts per object class")
+    # left unset here, so that safetext.miniworld.quality's own defaults (the gates' settings) apply
+    quality.add_argument("--steps", type=int, help="denoising steps (default: the gates' own setting)")
+    quality.add_argument(
+        "--per-class", type=int, help="single-object prompts per object class (default: the gates' own setting)"
+    )
     quality.add_argument("--device", default="cpu", help="where the pipeline draws: cpu or cuda")
     quality.set_defaults(run=_run_miniworld_quality)
 
@@ -338,18 +341,11 @@ def _run_miniworld_quality(args) -> int:
 
     folder = resolve_model_name(args.model)
     _quiet_library_progress_bars()
-    return quality_main(
-        [
-            "--model",
-            str(folder),
-            "--steps",
-            str(args.steps),
-            "--per-class",
-            str(args.per_class),
-            "--device",
-            args.device,
-        ]
-    )
+    argv = ["--model", str(folder), "--device", args.device]
+    for option, value in (("--steps", args.steps), ("--per-class", args.per_class)):
+        if value is not None:
+            argv += [option, str(value)]
+    return quality_main(argv)
 
 
 def _run_miniworld_build(args) -> int:
