@@ -7,7 +7,8 @@ Measures, in one process on the recipe's threads:
   prompt tokens; `torch.utils.flop_counter`), and its seconds in float32, under bf16 autocast with PyTorch's
   scaled-dot-product attention, and under bf16 autocast with diffusers' classic attention processor (what
   `UNetConfig(mixed_precision="bf16")` uses on a CPU);
-- the seconds of the step's attention backward pass in float32 and in bf16 (`torch.profiler`).
+- the share of each step's CPU time spent in convolutions, and the seconds of its scaled-dot-product attention
+  backward pass (`torch.profiler`).
 
 Prints each step's GFLOP/s as a share of the float32 matrix product's, the bf16 steps' speed as a ratio to the float32
 step's, and as its last line `bf16_speedup=<x>` (classic attention); writes
@@ -20,6 +21,7 @@ random inputs: no text encoder, data or optimiser (`miniworld_build_time.py` tim
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from safetext.miniworld.unet_training import UNetConfig, build_unet
+from safetext.provenance import git_commit, package_versions
 
 
 def _seconds(function, repeats: int) -> float:
@@ -39,7 +42,7 @@ def _seconds(function, repeats: int) -> float:
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def _hardware(repeats: int) -> dict:
@@ -93,35 +96,47 @@ def main() -> None:
         unet = _unet(config, classic)
 
         def step(unet=unet, bf16=bf16):
+            unet.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 prediction = unet(latents, timesteps, prompts).sample
             prediction.float().square().mean().backward()
 
-        with FlopCounterMode(display=False) as counter:
-            step()
         seconds = _seconds(step, args.repeats)
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             step()
-        attention_backward = sum(
-            event.self_cpu_time_total
-            for event in profiler.key_averages()
-            if "scaled_dot_product" in event.key and "backward" in event.key
+        events = profiler.key_averages()
+        total = sum(event.self_cpu_time_total for event in events)
+        convolutions = sum(event.self_cpu_time_total for event in events if "convolution" in event.key)
+        # the kernel's own time and its children's: a fallback to another backend would still be counted
+        sdpa_backward = sum(
+            event.cpu_time_total for event in events if "scaled_dot_product" in event.key and "backward" in event.key
         )
+        if not classic and sdpa_backward == 0:
+            raise RuntimeError("the profiler saw no scaled-dot-product attention backward pass in the SDPA step")
         steps[name] = {
-            "gflop": counter.get_total_flops() / 1e9,
             "seconds": seconds,
-            "gflops": counter.get_total_flops() / 1e9 / seconds,
-            "sdpa_backward_seconds": attention_backward / 1e6,
+            "convolution_share_of_cpu_time": convolutions / total,
+            "sdpa_backward_seconds": sdpa_backward / 1e6,
         }
+    # torch's FLOP counter has no formula for the CPU flash-attention kernels, so the operations are counted once, on
+    # the classic processor's matrix products, and the same work is divided by each variant's time
+    unet = _unet(config, classic_attention=True)
+    with FlopCounterMode(display=False) as counter:
+        unet(latents, timesteps, prompts).sample.square().mean().backward()
+    gflop = counter.get_total_flops() / 1e9
     reference = hardware["float32"]["matmul_gflops"]
     for figures in steps.values():
+        figures["gflops"] = gflop / figures["seconds"]
         figures["share_of_float32_matmul"] = figures["gflops"] / reference
         figures["speedup_over_float32"] = steps["float32"]["seconds"] / figures["seconds"]
     record = {
         "command": " ".join(["python benchmarks/miniworld_step_precision.py", *sys.argv[1:]]),
         "platform": platform.platform(),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
         "cpu_threads": torch.get_num_threads(),
         "batch": batch,
+        "gflop_per_step": gflop,
         "hardware": hardware,
         "unet_step": steps,
     }
@@ -131,11 +146,14 @@ def main() -> None:
         print(
             f"{name}: matmul {figures['matmul_gflops']:.0f} GFLOP/s, 3x3 conv {figures['conv3x3_gflops']:.0f} GFLOP/s"
         )
+    print(f"UNet training step (batch {batch}): {gflop:.1f} GFLOP")
     for name, figures in steps.items():
         print(
-            f"UNet step, {name}: {figures['gflop']:.1f} GFLOP in {figures['seconds']:.3f} s = {figures['gflops']:.0f}"
-            f" GFLOP/s ({figures['share_of_float32_matmul']:.2f} of the float32 matmul), "
-            f"{figures['speedup_over_float32']:.2f}x the float32 step, SDPA backward {figures['sdpa_backward_seconds']:.3f} s"
+            f"  {name}: {figures['seconds']:.3f} s, {figures['gflops']:.0f} GFLOP/s "
+            f"({figures['share_of_float32_matmul']:.2f} of the float32 matmul), "
+            f"{figures['speedup_over_float32']:.2f}x the float32 step; convolutions "
+            f"{figures['convolution_share_of_cpu_time']:.0%} of its CPU time, SDPA backward "
+            f"{figures['sdpa_backward_seconds']:.3f} s"
         )
     print(f"bf16_speedup={steps['bf16_classic_attention']['speedup_over_float32']:.2f}")
 

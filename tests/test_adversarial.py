@@ -290,6 +290,6 @@ def test_inside_align_the_adversary_never_moves_bos(tiny_pipeline_dir, prompt_li
     config = AlignmentConfig(max_train_steps=2, **RESUME_SETTINGS, **{**ADVERSARY, "adversarial_layer": 0})
     align(tiny_pipeline_dir, *sets(*prompt_lists), tmp_path / "out", config, show_progress=False)
     assert read_log(tmp_path / "out")[0]["adversarial_effectiveness_loss"] > -1.0 + 1e-3  # the adversary acted
-    assert len(first_positions) > 2
+    assert any(states.shape[0] > 1 for states in first_positions)
     for states in first_positions:
         assert torch.allclose(states, states[:1].expand_as(states), atol=1e-6)

@@ -171,22 +171,19 @@ def test_mini_clip_records_its_hard_negatives_and_can_train_without_them(tmp_pat
 
 
 def test_mini_clip_trains_under_bf16_autocast_with_float32_weights(tmp_path):
-    import json
-
     from transformers import CLIPTextModel
 
     full = train_mini_clip(TINY.clip, tmp_path / "fp32")
     mixed = train_mini_clip(replace(TINY.clip, mixed_precision="bf16"), tmp_path / "bf16")
     assert mixed["config"]["mixed_precision"] == "bf16"
-    # the same initialisation and batches: the first loss differs only by bfloat16's rounding in the towers
-    assert mixed["losses"][0] == pytest.approx(full["losses"][0], rel=0.05)
-    assert mixed["losses"] != full["losses"]
+    # on a CPU the text tower trains with eager attention under bf16, PyTorch's SDPA otherwise
+    assert (full["attention"], mixed["attention"]) == ("sdpa", "eager")
+    # the same initialisation and batches: the first loss differs by bfloat16's rounding in the towers, which is
+    # far more than the two attention implementations' float32 rounding, and far less than a different model
+    assert 1e-5 < abs(mixed["losses"][0] / full["losses"][0] - 1) < 0.05
     assert all(math.isfinite(loss) for loss in mixed["losses"])
     text_encoder = CLIPTextModel.from_pretrained(tmp_path / "bf16" / "text_encoder")
     assert {p.dtype for p in text_encoder.parameters()} == {torch.float32}
-    # the eager attention it trained with on the CPU is not written into the folder users load
-    saved = json.loads((tmp_path / "bf16" / "text_encoder" / "config.json").read_text())
-    assert not any("attn" in key for key in saved)
 
 
 def test_unet_trains_under_bf16_autocast_with_float32_weights(stages, tmp_path):
@@ -196,8 +193,10 @@ def test_unet_trains_under_bf16_autocast_with_float32_weights(stages, tmp_path):
 
     full = train_unet(TINY.unet, stages, stages, tmp_path / "fp32")
     mixed = train_unet(replace(TINY.unet, mixed_precision="bf16"), stages, stages, tmp_path / "bf16")
+    # on a CPU the UNet trains with diffusers' classic attention processor under bf16, its SDPA one otherwise
+    assert (full["attention_processor"], mixed["attention_processor"]) == ("AttnProcessor2_0", "AttnProcessor")
     # the same initialisation and batches: the first loss differs only by bfloat16's rounding in the UNet
-    assert mixed["losses"][0] == pytest.approx(full["losses"][0], rel=0.05)
+    assert 1e-5 < abs(mixed["losses"][0] / full["losses"][0] - 1) < 0.05
     assert all(math.isfinite(loss) for loss in mixed["losses"])
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "bf16" / "unet")
     assert {p.dtype for p in unet.parameters()} == {torch.float32}

@@ -67,8 +67,8 @@ class MiniClipConfig:
             the recipe (see the module's docstring); about 80 negatives per batch of 256, 20% more time per step.
         mixed_precision: "bf16" runs both towers under bfloat16 autocast (weights, optimiser, temperature and the
             loss stay float32); on a CPU the text tower's attention then runs in transformers' eager implementation,
-            since PyTorch's CPU scaled-dot-product attention is slow in bfloat16 (1.68 times the float32 step on two
-            cores, against 1.10 with it; `benchmarks/miniworld_build_time.py --clip-mixed-precision bf16` times it).
+            since PyTorch's CPU scaled-dot-product attention is slow in bfloat16 (1.79 times the float32 step on two
+            cores: `benchmarks/miniworld_build_time.py --clip-mixed-precision bf16 --unet-mixed-precision bf16`).
             "no" trains in float32.
         seed: seed of the scenes, captions and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
@@ -335,6 +335,8 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
         "final_loss": losses[-1],
         "losses": losses,
         "logit_scale": logit_scale.exp().item(),
+        # the attention implementation the text tower trained with (the saved folder names none)
+        "attention": text_encoder.config._attn_implementation,
         "hard_negatives_per_step": float(np.mean(negatives_per_step)),
         # over the last 10% of steps; None without hard negatives
         "hard_negative_accuracy": float(np.nanmean(hard_negative_wins[-tenth:])) if hard_negative_wins else None,

@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from safetext.miniworld.captions import caption
 from safetext.miniworld.progress import log_progress
 from safetext.miniworld.renderer import render_many, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import UNet2DConditionModel
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +145,17 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return torch.clamp(snr, max=gamma) / snr
 
 
-def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: int):
-    """A freshly initialised `UNet2DConditionModel` of the config's shape for 16x16 latents, seeded by the caller."""
+def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: int) -> "UNet2DConditionModel":
+    """A freshly initialised UNet of the config's shape, for 16x16 latents; the caller seeds torch first.
+
+    Args:
+        config: the UNet's widths, layers, heads and whether its finest level attends.
+        latent_channels: channels of the autoencoder's latents (its input and output).
+        cross_attention_dim: width of the text encoder's hidden states it attends to.
+
+    Returns:
+        A diffusers `UNet2DConditionModel`.
+    """
     from diffusers import UNet2DConditionModel
 
     finest_down, finest_up = (
@@ -199,8 +212,10 @@ def train_unet(
     unet = build_unet(config, vae.config.latent_channels, text_encoder.config.hidden_size)
     if config.mixed_precision == "bf16" and torch.device(device).type == "cpu":
         # PyTorch's CPU flash attention runs its backward pass about four times slower in bfloat16 than in float32
-        # (profiled on two cores), which undoes what the convolutions gain; the classic processor's matmuls and
-        # softmax follow autocast like the rest of the network. Training only: the saved folder keeps no processor.
+        # (`benchmarks/miniworld_step_precision.py`), which undoes what the convolutions gain. The classic
+        # processor's matrix products follow autocast like the rest of the network, and so does its softmax, which
+        # then runs in bfloat16 where the flash kernel accumulates in float32. Training only: the saved folder
+        # keeps no processor.
         unet.set_attn_processor(AttnProcessor())
     text_encoder.to(device)
     vae.to(device)
@@ -290,6 +305,8 @@ def train_unet(
         "loss_last_10pct": float(np.mean(losses[-tenth:])),
         "final_loss": losses[-1],
         "losses": losses,
+        # the attention processor the UNet trained with (the saved folder names none)
+        "attention_processor": type(next(iter(unet.attn_processors.values()))).__name__,
         "seconds_per_step": loop_seconds / config.max_train_steps,
         "pool_seconds": round(pool_seconds, 1),
         "uses_per_scene": config.max_train_steps * config.train_batch_size / config.num_scenes,
