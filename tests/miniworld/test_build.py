@@ -173,7 +173,7 @@ def test_mini_clip_records_its_hard_negatives_and_can_train_without_them(tmp_pat
 def test_mini_clip_trains_under_bf16_autocast_with_float32_weights(tmp_path):
     from transformers import CLIPTextModel
 
-    full = train_mini_clip(TINY.clip, tmp_path / "fp32")
+    full = train_mini_clip(replace(TINY.clip, mixed_precision="no"), tmp_path / "fp32")
     mixed = train_mini_clip(replace(TINY.clip, mixed_precision="bf16"), tmp_path / "bf16")
     assert mixed["config"]["mixed_precision"] == "bf16"
     # on a CPU the text tower trains with eager attention under bf16, PyTorch's SDPA otherwise
@@ -191,7 +191,7 @@ def test_unet_trains_under_bf16_autocast_with_float32_weights(stages, tmp_path):
 
     from safetext.miniworld.unet_training import train_unet
 
-    full = train_unet(TINY.unet, stages, stages, tmp_path / "fp32")
+    full = train_unet(replace(TINY.unet, mixed_precision="no"), stages, stages, tmp_path / "fp32")
     mixed = train_unet(replace(TINY.unet, mixed_precision="bf16"), stages, stages, tmp_path / "bf16")
     # on a CPU the UNet trains with diffusers' classic attention processor under bf16, its SDPA one otherwise
     assert (full["attention_processor"], mixed["attention_processor"]) == ("AttnProcessor2_0", "AttnProcessor")
@@ -383,6 +383,8 @@ def test_the_recipe_trains_the_autoencoder_on_crops_under_bf16_yet_old_records_r
 
     recipe = BuildConfig().autoencoder
     assert (recipe.crop_size, recipe.mixed_precision) == (32, "bf16")
+    # and, since the sixth build, the mini-CLIP and the UNet under bf16 too
+    assert (BuildConfig().clip.mixed_precision, BuildConfig().unet.mixed_precision) == ("bf16", "bf16")
     # a stage trained before these settings existed trained on whole pictures in float32; its record (JSON) lacks
     # them
     old_way = replace(recipe, crop_size=None, mixed_precision="no")

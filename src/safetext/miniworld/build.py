@@ -50,9 +50,9 @@ class BuildConfig:
     """The whole build: the three stages' settings, one seed, and the wall-time budget the recipe is held to.
 
     Args:
-        clip: the mini-CLIP stage.
+        clip: the mini-CLIP stage; the recipe's trains under bfloat16 autocast (since the sixth build).
         autoencoder: the autoencoder stage; the recipe's trains on 32x32 crops under bfloat16 autocast.
-        unet: the UNet stage.
+        unet: the UNet stage; the recipe's trains under bfloat16 autocast (since the sixth build).
         seed: seed of the whole build; the stages use `seed`, `seed + 1` and `seed + 2`, overriding their own.
         time_budget_s: wall time the build should stay within (the issue's 60 minutes on two CPU cores); the
             record says whether it did, and a warning is logged when it did not.
@@ -60,13 +60,14 @@ class BuildConfig:
         device: where to train (`"cpu"`, `"cuda"`, ...); the recipe runs on a CPU, a GPU only makes it faster.
     """
 
-    clip: MiniClipConfig = field(default_factory=MiniClipConfig)
-    # the config's own defaults train on whole pictures in float32, as the builds before the fifth did, so that
-    # their stage records, which lack these settings, still read as what they were
+    # the configs' own defaults train in float32 (and the autoencoder on whole pictures), as the builds before the
+    # fifth (autoencoder) and sixth (mini-CLIP, UNet) did, so that their stage records, which lack these settings,
+    # still read as what they were
+    clip: MiniClipConfig = field(default_factory=lambda: MiniClipConfig(mixed_precision="bf16"))
     autoencoder: AutoencoderConfig = field(
         default_factory=lambda: AutoencoderConfig(mixed_precision="bf16", crop_size=32)
     )
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(mixed_precision="bf16"))
     seed: int = 0
     time_budget_s: float = 3600.0
     half_precision: bool = True
@@ -99,6 +100,7 @@ class BuildConfig:
                 train_batch_size=8,
                 lr_warmup_steps=1,
                 num_scenes=16,
+                mixed_precision="bf16",
             ),
             autoencoder=AutoencoderConfig(
                 block_out_channels=(32, 32, 32),
@@ -118,6 +120,7 @@ class BuildConfig:
                 train_batch_size=4,
                 lr_warmup_steps=1,
                 num_scenes=8,
+                mixed_precision="bf16",
             ),
             seed=seed,
             time_budget_s=600.0,
