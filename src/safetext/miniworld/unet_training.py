@@ -66,8 +66,9 @@ class UNetConfig:
             0.53 to 0.59 times its speed (`benchmarks/miniworld_build_time.py --unet-attention-at-16x16`), and a
             build with it (2 heads at 16x16) drew stripes no more often (docs/miniworld.md).
         mixed_precision: "bf16" runs the UNet's forward and backward passes under bfloat16 autocast (weights,
-            optimiser, the frozen text encoder and the loss stay float32); "no" trains in float32, as the shipped
-            build did. On a CPU the attention then runs in diffusers' classic processor (see `train_unet`).
+            optimiser, the frozen text encoder and the loss stay float32), the recipe's since the sixth build; on a
+            CPU the attention then runs in diffusers' classic processor (see `train_unet`). "no" trains in float32,
+            as the builds before the sixth did.
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
