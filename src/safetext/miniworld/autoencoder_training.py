@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
+from safetext.miniworld.precision import check_mixed_precision, training_autocast
 from safetext.miniworld.progress import log_progress
 from safetext.miniworld.renderer import IMAGE_SIZE, render, render_many, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene
@@ -86,8 +87,7 @@ class AutoencoderConfig:
     num_threads: int = 2
 
     def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        check_mixed_precision(self.mixed_precision)
         if self.crop_size is not None and (self.crop_size % 4 or not 32 <= self.crop_size <= IMAGE_SIZE):
             raise ValueError(
                 f"crop_size must be None or a multiple of 4 from 32 to {IMAGE_SIZE}, got {self.crop_size}"
@@ -188,9 +188,7 @@ def train_autoencoder(config: AutoencoderConfig, output_dir: str | Path, device:
     pool_seconds = time.time() - pool_start
     order = epoch_order(rng, config.num_pictures, config.max_train_steps * config.train_batch_size)
 
-    autocast = torch.autocast(
-        torch.device(device).type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"
-    )
+    autocast = training_autocast(device, config.mixed_precision)
     vae.train()
     losses = []
     loop_start = time.time()

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safetext.miniworld.captions import caption
+from safetext.miniworld.precision import check_mixed_precision, training_autocast
 from safetext.miniworld.progress import log_progress
 from safetext.miniworld.renderer import render_many, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene, swap_attribute
@@ -92,8 +93,7 @@ class MiniClipConfig:
     num_threads: int = 2
 
     def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        check_mixed_precision(self.mixed_precision)
         for name in (
             "hidden_size",
             "num_hidden_layers",
@@ -269,9 +269,7 @@ def train_mini_clip(config: MiniClipConfig, output_dir: str | Path, device: str 
     pool_seconds = time.time() - pool_start
     order = epoch_order(rng, config.num_scenes, config.max_train_steps * config.train_batch_size)
 
-    autocast = torch.autocast(
-        torch.device(device).type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"
-    )
+    autocast = training_autocast(device, config.mixed_precision)
     modules.train()
     losses, negatives_per_step, hard_negative_wins = [], [], []
     loop_start = time.time()

@@ -29,6 +29,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
 from safetext.miniworld.captions import caption
+from safetext.miniworld.precision import check_mixed_precision, training_autocast
 from safetext.miniworld.progress import log_progress
 from safetext.miniworld.renderer import render_many, to_pixel_values
 from safetext.miniworld.scenes import epoch_order, sample_scene
@@ -89,8 +90,7 @@ class UNetConfig:
     num_threads: int = 2
 
     def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        check_mixed_precision(self.mixed_precision)
         if len(self.block_out_channels) != 3 or min(self.block_out_channels) < 1:
             raise ValueError(f"block_out_channels must be three positive widths, got {self.block_out_channels}")
         if any(width % 32 for width in self.block_out_channels):
@@ -233,9 +233,7 @@ def train_unet(
     pool_seconds = time.time() - pool_start
     order = epoch_order(rng, config.num_scenes, config.max_train_steps * config.train_batch_size)
 
-    autocast = torch.autocast(
-        torch.device(device).type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"
-    )
+    autocast = training_autocast(device, config.mixed_precision)
     unet.train()
     losses = []
     loop_start = time.time()
