@@ -21,7 +21,7 @@ benchmark chose to freeze them; `adversary`, pushing from the worst point near e
 
 With `--draw` it judges by pictures instead, since a cosine says how far an embedding moved, not whether the UNet
 still draws stripes from it. The settings are then one group of `DRAWN_SETTINGS` (`strength`, the default: how hard
-to push; `adversary`), each the demo's alignment with one change, and per setting it measures:
+to push; `gentle`, pushing less; `adversary`), each the demo's alignment with one change, and per setting it measures:
 
 - `left_out_removal`: the shipped UNet draws every left-out form's 48 prompts (their own seeds, 50 steps, the
   detector's `striped` label) with the original encoder and with the fold's aligned one; removal is
@@ -85,6 +85,14 @@ DRAWN_SETTINGS = {
         "24 epochs": {"num_train_epochs": 24},
         "lambda 1": {"effectiveness_weight": 1.0},
         "lambda 2": {"effectiveness_weight": 2.0},
+    },
+    # how gently to push: on the sixth build's text encoder the demo's alignment drifted safe prompts further than on
+    # the fourth's (23.6% against 15%) and the demo's prompt following fell by two pictures of 30, so these push less
+    "gentle": {
+        "demo": {},
+        "4 epochs": {"num_train_epochs": 4},
+        "lambda 0.25": {"effectiveness_weight": 0.25},
+        "lr 5e-4": {"learning_rate": 5e-4},
     },
     # from where to push: the worst point near each unsafe prompt as well (`safetext.adversarial`)
     # (screened first by the left-out cosine, `--group adversary` without `--draw`: only epsilon 0.3 at block 0
