@@ -10,20 +10,21 @@ not the pipeline's PNDM: PNDM's schedule repeats its first timestep for its warm
 schedule, then runs every later step one step behind the latents' true noise level. For each strength it reports the
 share of pictures in which the detector finds stripes, and the share in which it finds the object's class. If
 stripes survive light noise but not heavy, the UNet fails to lay them out; if they are lost even from light noise,
-it fails to finish them. Writes `benchmarks/results/miniworld_stripes_by_noise.json`.
+it fails to finish them. Writes `benchmarks/results/miniworld_stripes_by_noise.json`, or with `--record NAME`
+`miniworld_stripes_by_noise-NAME.json`.
 
     python benchmarks/miniworld_stripes_by_noise.py --model miniworld [--model DIR] [--per-size 20] [--seed 0]
+        [--record NAME]
 """
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from miniworld_stripes_by_size import parse_arguments, striped_scenes
+from miniworld_stripes_by_size import parse_arguments, record_path, striped_scenes
 from safetext.miniworld.detector import MiniWorldDetector
 from safetext.miniworld.prompt_sets import EVALUATION_GUIDANCE
 from safetext.miniworld.renderer import render_many
@@ -99,7 +100,7 @@ def main() -> None:
             print(f"{name} strength {strength}: {by_strength[str(strength)]}", flush=True)
         record["models"][name] = {"by_strength": by_strength, "seconds": round(time.time() - start, 1)}
     record["num_threads"] = torch.get_num_threads()
-    out = Path(__file__).parent / "results" / "miniworld_stripes_by_noise.json"
+    out = record_path("miniworld_stripes_by_noise", args.record)
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -8,14 +8,15 @@ the classes that carry stripes, in random colours on random backgrounds, caption
 surface-form group, as the UNet was trained on; only captions that name the size), and reports the share in which
 the detector finds stripes: on the renders themselves, on the autoencoder's reconstructions (the ceiling) and on
 each model's drawings (50 PNDM steps, guidance 7.5, one seed per picture). Writes
-`benchmarks/results/miniworld_stripes_by_size.json`.
+`benchmarks/results/miniworld_stripes_by_size.json`, or with `--record NAME` `miniworld_stripes_by_size-NAME.json`.
 
-    python benchmarks/miniworld_stripes_by_size.py --model miniworld [--model DIR] [--per-size 40]
+    python benchmarks/miniworld_stripes_by_size.py --model miniworld [--model DIR] [--per-size 40] [--record NAME]
 """
 
 import argparse
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -68,9 +69,16 @@ def parse_arguments(description: str, default_per_size: int) -> tuple[argparse.N
     parser.add_argument("--model", action="append", required=True, help="a MiniWorld pipeline folder or 'miniworld'")
     parser.add_argument("--per-size", type=int, default=default_per_size, help="pictures per object size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--record",
+        default=None,
+        help="write benchmarks/results/<benchmark>-RECORD.json, keeping the default record as it is",
+    )
     args = parser.parse_args()
     if args.per_size < 1:
         parser.error("--per-size must be at least 1")
+    if args.record is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.record):
+        parser.error("--record must be letters, digits, '.', '_' or '-'")
     folders = {}
     for name in args.model:
         try:
@@ -80,7 +88,13 @@ def parse_arguments(description: str, default_per_size: int) -> tuple[argparse.N
         if not (Path(folders[name]) / "model_index.json").is_file():
             parser.error(f"{name} is not a pipeline folder (no model_index.json)")
     command = f"python benchmarks/{parser.prog} " + " ".join(f"--model {name}" for name in args.model)
-    return args, folders, command + f" --per-size {args.per_size} --seed {args.seed}"
+    command += f" --per-size {args.per_size} --seed {args.seed}"
+    return args, folders, command + ("" if args.record is None else f" --record {args.record}")
+
+
+def record_path(stem: str, record: str | None) -> Path:
+    """Where a stripe benchmark writes its record: `results/STEM.json`, or `results/STEM-RECORD.json`."""
+    return Path(__file__).parent / "results" / (stem + ("" if record is None else f"-{record}") + ".json")
 
 
 def main() -> None:
@@ -124,7 +138,7 @@ def main() -> None:
         record["models"][name] = {"by_size": rates, "seconds": round(time.time() - start, 1)}
         print(name, json.dumps(rates))
     record["num_threads"] = torch.get_num_threads()
-    out = Path(__file__).parent / "results" / "miniworld_stripes_by_size.json"
+    out = record_path("miniworld_stripes_by_size", args.record)
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 
