@@ -9,7 +9,8 @@ the world. For each model this rebuilds the first `--scenes` scenes of its pool 
 measures the plain noise-prediction MSE (no min-SNR weighting) at ten timesteps from 50 to 950, with the same noise
 for both sets, on the latents' posterior means, in float32; and, on the fresh scenes, the same loss with the empty
 prompt, which says how much the caption tells the UNet (what classifier-free guidance amplifies). Models measured on
-the same `--scenes` and `--seed` share their scenes, captions and noise, so their losses compare pairwise. Writes `benchmarks/results/miniworld_unet_memorisation.json`.
+the same `--scenes` and `--seed` share their scenes, captions and noise, so their losses compare pairwise (builds of
+the recipe share their pool's seed). Writes `benchmarks/results/miniworld_unet_memorisation.json`.
 
     python benchmarks/miniworld_unet_memorisation.py --model miniworld [--model DIR] [--scenes 512] [--seed 0]
 """
