@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from safetext.conditioning import TextConditioner
 from safetext.errors import SafeTextError
 from safetext.loading import resolve_model_name
 from safetext.miniworld.captions import caption
-from safetext.miniworld.renderer import render_many, to_pixel_values
 from safetext.miniworld.scenes import sample_scene
-from safetext.miniworld.unet_training import SD_BETAS
+from safetext.miniworld.unet_training import SD_BETAS, encode_pool
 
 TIMESTEPS = tuple(range(50, 1000, 100))
 # fresh scenes come from a stream no build's pool uses (pools are seeded with the build's seed + 2)
@@ -39,32 +39,19 @@ BATCH_SIZE = 64
 
 
 @torch.no_grad()
-def denoising_loss(pipeline, scenes: list, captions: list[str], seed: int) -> dict[int, float]:
-    """Mean plain MSE of the UNet's noise prediction per timestep, on the scenes' posterior-mean latents."""
-    vae, unet, scheduler = pipeline.vae, pipeline.unet, pipeline.scheduler
-    pixel_values = to_pixel_values(render_many(scenes))
-    latents = torch.cat(
-        [vae.encode(pixel_values[i : i + BATCH_SIZE]).latent_dist.mean for i in range(0, len(scenes), BATCH_SIZE)]
-    )
-    latents = latents * vae.config.scaling_factor
-    input_ids = pipeline.tokenizer(
-        captions,
-        padding="max_length",
-        max_length=pipeline.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    hidden = torch.cat(
-        [pipeline.text_encoder(input_ids[i : i + BATCH_SIZE])[0] for i in range(0, len(scenes), BATCH_SIZE)]
-    )
+def denoising_loss(pipeline, latents: torch.Tensor, captions: list[str], seed: int) -> dict[int, float]:
+    """Mean plain MSE of the UNet's noise prediction per timestep, on scaled latents and their captions."""
+    conditioner = TextConditioner.for_encoder(pipeline.tokenizer, pipeline.text_encoder, bare=False)
+    hidden = conditioner.encode_all(pipeline.text_encoder, conditioner.tokenize(captions), BATCH_SIZE)
+    unet, scheduler = pipeline.unet, pipeline.scheduler
     generator = torch.Generator().manual_seed(seed)
     losses = {}
     for t in TIMESTEPS:
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.full((len(scenes),), t, dtype=torch.long)
+        timesteps = torch.full((len(latents),), t, dtype=torch.long)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         per_batch = []
-        for i in range(0, len(scenes), BATCH_SIZE):
+        for i in range(0, len(latents), BATCH_SIZE):
             prediction = unet(noisy[i : i + BATCH_SIZE], timesteps[i : i + BATCH_SIZE], hidden[i : i + BATCH_SIZE])
             per_batch.append(F.mse_loss(prediction.sample, noise[i : i + BATCH_SIZE], reduction="sum").item())
         losses[t] = sum(per_batch) / noise.numel()
@@ -110,13 +97,16 @@ def main() -> None:
             folder, use_safetensors=True, safety_checker=None, dtype=torch.float32
         )
         pipeline.scheduler = DDPMScheduler(**SD_BETAS)
-        by_set = {}
+        by_set, latents = {}, {}
         for set_name, scenes in (("pool", pool), ("fresh", fresh)):
+            # the posterior means of the training stage's own encoding, scaled as the UNet saw them
+            means = encode_pool(pipeline.vae, scenes, "cpu", BATCH_SIZE)[0]
+            latents[set_name] = means * pipeline.vae.config.scaling_factor
             caption_rng = random.Random(args.seed)
             captions = [caption(scene, caption_rng) for scene in scenes]
-            by_set[set_name] = denoising_loss(pipeline, scenes, captions, args.seed)
+            by_set[set_name] = denoising_loss(pipeline, latents[set_name], captions, args.seed)
         # how much the caption tells the UNet: the fresh scenes again with the empty prompt (guidance's other branch)
-        unconditional = denoising_loss(pipeline, fresh, [""] * len(fresh), args.seed)
+        unconditional = denoising_loss(pipeline, latents["fresh"], [""] * len(fresh), args.seed)
         gap = {t: by_set["fresh"][t] / by_set["pool"][t] for t in TIMESTEPS}
         record["models"][name] = {
             "folder": str(folder),

@@ -127,7 +127,7 @@ class UNetConfig:
 
 
 @torch.no_grad()
-def _encode_pool(vae, scenes: list, device: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pool(vae, scenes: list, device: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Renders the scenes and returns their latent posteriors' means and standard deviations (on the CPU)."""
     means, stds = [], []
     pictures = render_many(scenes)
@@ -229,7 +229,7 @@ def train_unet(
 
     pool_start = time.time()
     scenes = [sample_scene(rng) for _ in range(config.num_scenes)]
-    pool_means, pool_stds = _encode_pool(vae, scenes, device)
+    pool_means, pool_stds = encode_pool(vae, scenes, device)
     pool_seconds = time.time() - pool_start
     order = epoch_order(rng, config.num_scenes, config.max_train_steps * config.train_batch_size)
 
