@@ -87,7 +87,7 @@ def test_the_shipped_model_draws_the_restricted_concept_in_its_held_out_forms(pi
 
 def test_the_demo_alignment_stops_the_held_out_forms_and_keeps_safe_prompts(pipeline, tmp_path):
     # the demo's SafeText settings, trained on the five training forms of `striped` only: on the demo's 30 prompts
-    # the held-out forms went from 21 pictures with stripes to none (docs/miniworld.md); on these 16, at least 3 in
+    # the held-out forms went from 21 pictures with stripes to one (docs/miniworld.md); on these 16, at least 3 in
     # 4 of the original's striped pictures must lose their stripes, and the safe prompts must barely move
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
