@@ -221,6 +221,39 @@ def test_unet_attends_at_its_finest_level_only_when_asked(stages, tmp_path):
     assert finest_attention.heads == 1 and unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.heads == 2
 
 
+def test_snapshots_and_the_moving_average_leave_the_training_as_it_was(stages, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from safetext.miniworld.unet_training import train_unet
+
+    def weights(folder):
+        return torch.cat([p.detach().flatten() for p in UNet2DConditionModel.from_pretrained(folder).parameters()])
+
+    steps = TINY.unet.max_train_steps
+    plain = train_unet(TINY.unet, stages, stages, tmp_path / "plain")
+    averaged = train_unet(
+        replace(TINY.unet, ema_decay=0.9999),
+        stages,
+        stages,
+        tmp_path / "averaged",
+        snapshot_steps=(1, steps),
+        snapshot_dir=tmp_path / "snapshots",
+    )
+    # the same steps were taken: the moving average and the snapshots only read the weights
+    assert averaged["losses"] == plain["losses"]
+    assert (plain["saved_weights"], averaged["saved_weights"]) == ("last", "moving average")
+    last = weights(tmp_path / "plain" / "unet")
+    assert torch.equal(weights(tmp_path / "snapshots" / f"step-{steps:05d}" / "unet"), last)
+    # the pipeline holds the average, which the last snapshot holds too; after one step (decay 0) it is the weights
+    average = weights(tmp_path / "averaged" / "unet")
+    assert torch.equal(weights(tmp_path / "snapshots" / f"step-{steps:05d}" / "ema_unet"), average)
+    assert not torch.equal(average, last)
+    first = tmp_path / "snapshots" / "step-00001"
+    assert torch.equal(weights(first / "ema_unet"), weights(first / "unet"))
+    with pytest.raises(ValueError, match="snapshot_steps must lie in"):
+        train_unet(TINY.unet, stages, stages, tmp_path / "x", snapshot_steps=(steps + 1,), snapshot_dir=tmp_path)
+
+
 def test_built_folder_is_a_stable_diffusion_pipeline_that_draws_64px_pictures(built):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
@@ -446,6 +479,7 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: UNetConfig(attention_head_dim=0), "one positive number or three"),
         (lambda: UNetConfig(attention_head_dim=(3, 8, 8)), "must divide into its heads"),
         (lambda: UNetConfig(caption_dropout=1.0), "caption_dropout"),
+        (lambda: UNetConfig(ema_decay=1.0), "ema_decay"),
         (lambda: UNetConfig(max_train_steps=10, lr_warmup_steps=10), "lr_warmup_steps"),
         (lambda: BuildConfig(time_budget_s=0), "time_budget_s"),
         (lambda: BuildConfig(device="abacus"), "device must be a torch device"),

@@ -70,6 +70,10 @@ class UNetConfig:
             optimiser, the frozen text encoder and the loss stay float32), the recipe's since the sixth build; on a
             CPU the attention then runs in diffusers' classic processor (see `train_unet`). "no" trains in float32,
             as the builds before the sixth did.
+        ema_decay: keep an exponential moving average of the weights and save it as the pipeline's UNet, as SD's
+            training did (diffusers' `EMAModel` and `train_text_to_image.py --use_ema`). Its decay is
+            min(ema_decay, (1 + step) / (10 + step)), so over a schedule of a few thousand steps the average spans
+            about the last ninth of the steps taken. None (the recipe) saves the last weights.
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
@@ -86,6 +90,7 @@ class UNetConfig:
     snr_gamma: float | None = 5.0
     attention_at_16x16: bool = False
     mixed_precision: str = "no"
+    ema_decay: float | None = None
     seed: int = 0
     num_threads: int = 2
 
@@ -120,6 +125,8 @@ class UNetConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive or None, got {self.snr_gamma}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if not 0 <= self.lr_warmup_steps < self.max_train_steps:
             raise ValueError(
                 f"lr_warmup_steps must be in [0, max_train_steps={self.max_train_steps}), got {self.lr_warmup_steps}"
@@ -144,6 +151,17 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     alpha_bar = alphas_cumprod[timesteps]
     snr = alpha_bar / (1.0 - alpha_bar)
     return torch.clamp(snr, max=gamma) / snr
+
+
+def save_snapshot(unet, ema, folder: Path) -> None:
+    """Writes the UNet's current weights to `folder/unet/` and, if there is one, its moving average to
+    `folder/ema_unet/` (diffusers' layout for each), leaving the weights in training as they were."""
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+        unet.save_pretrained(folder / "ema_unet", safe_serialization=True)
+        ema.restore(unet.parameters())
 
 
 def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: int) -> "UNet2DConditionModel":
@@ -178,7 +196,13 @@ def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: in
 
 
 def train_unet(
-    config: UNetConfig, clip_dir: str | Path, vae_dir: str | Path, output_dir: str | Path, device: str = "cpu"
+    config: UNetConfig,
+    clip_dir: str | Path,
+    vae_dir: str | Path,
+    output_dir: str | Path,
+    device: str = "cpu",
+    snapshot_steps: tuple[int, ...] = (),
+    snapshot_dir: str | Path | None = None,
 ) -> dict:
     """Trains the UNet and writes the whole Stable Diffusion pipeline folder.
 
@@ -189,14 +213,23 @@ def train_unet(
         output_dir: folder for the pipeline (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
             `scheduler/`; safetensors, no safety checker); created if missing.
         device: where to train (`"cpu"`, `"cuda"`, ...); the scenes, captions and noise are the same on every device.
+        snapshot_steps: steps after which the UNet is also saved to `snapshot_dir/step-NNNNN/unet/` (and its
+            moving average, with `ema_decay`, to `ema_unet/`), so that points along the schedule can be judged by
+            what they draw. Taking them changes nothing in the training.
+        snapshot_dir: where the snapshots go; required with `snapshot_steps`.
 
     Returns:
         A record: config, parameter count, losses and wall time.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor
+    from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    if any(not 1 <= step <= config.max_train_steps for step in snapshot_steps):
+        raise ValueError(f"snapshot_steps must lie in [1, {config.max_train_steps}], got {snapshot_steps}")
+    if snapshot_steps and snapshot_dir is None:
+        raise ValueError("snapshot_steps need a snapshot_dir to be written to")
     start = time.time()
     torch.set_num_threads(config.num_threads)
     rng = random.Random(config.seed)
@@ -223,6 +256,8 @@ def train_unet(
     unet.to(device)
     noise_scheduler = DDPMScheduler(**SD_BETAS)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    # the average lives beside the weights, in float32, and follows every optimiser step
+    ema = None if config.ema_decay is None else EMAModel(unet.parameters(), decay=config.ema_decay, foreach=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.lr_warmup_steps, config.max_train_steps)
     scaling_factor = vae.config.scaling_factor
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
@@ -274,12 +309,19 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.step(unet.parameters())
         losses.append(loss.item())
         progress.set_postfix(loss=f"{loss.item():.4f}")
         log_progress("unet", step, config.max_train_steps, losses, loop_start)
+        if step + 1 in snapshot_steps:
+            save_snapshot(unet, ema, Path(snapshot_dir) / f"step-{step + 1:05d}")
 
     loop_seconds = time.time() - loop_start
     unet.eval()
+    if ema is not None:
+        # the pipeline gets the average, as SD's checkpoints did
+        ema.copy_to(unet.parameters())
     pipeline = StableDiffusionPipeline(
         vae=vae.to("cpu"),
         text_encoder=text_encoder.to("cpu"),
@@ -306,6 +348,8 @@ def train_unet(
         "losses": losses,
         # the attention processor the UNet trained with (the saved folder names none)
         "attention_processor": type(next(iter(unet.attn_processors.values()))).__name__,
+        "saved_weights": "moving average" if ema is not None else "last",
+        "snapshot_steps": list(snapshot_steps),
         "seconds_per_step": loop_seconds / config.max_train_steps,
         "pool_seconds": round(pool_seconds, 1),
         "uses_per_scene": config.max_train_steps * config.train_batch_size / config.num_scenes,

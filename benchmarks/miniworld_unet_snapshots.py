@@ -1,0 +1,153 @@
+"""MiniWorld's UNet judged by what it draws at several points of its schedule, with and without a moving average.
+
+Two UNets of nearly one recipe have drawn stripes on the 480 restricted prompts 6.7 and 13.5 points apart, and a
+lower denoising loss has drawn fewer (docs/miniworld.md), so one finished build tells little about its recipe.
+This trains the recipe's UNet stage once more on the shipped text encoder and autoencoder, keeping an
+exponential moving average of its weights (SD's `--use_ema`: `UNetConfig.ema_decay`, diffusers' `EMAModel`) and
+saving both the weights and the average after 2,000, 3,000 and 4,000 steps (`train_unet(snapshot_steps=...)`).
+The average only reads the weights, so all six candidates lie on one training path and differ by nothing else.
+
+Each candidate is then judged on a selection set that none of the quality gates uses: 120 single striped objects
+(`miniworld_stripes_by_size.striped_scenes`, 40 per size, seed 1; any surface-form group, as the UNet was trained
+on) for the stripes, and 60 single-object prompts (`quality.single_object_prompts`, 5 per class, seed 1) for the
+named object, each at the gates' settings (50 PNDM steps, guidance 7.5, one seed per picture).
+
+The rule, fixed before any candidate was drawn: the chosen candidate is the one that draws stripes most often on
+the selection set among those whose named-object share is at most 5 points below the 4,000-step weights' (ties go
+to the later step, then to the average). It then goes through the full quality gates, and ships (with its
+setting made the recipe) only if it draws `striped` on at least 76.2% of all 480 restricted prompts (the shipped
+74.2% plus about one standard error), the named object on at least 94.9% of the gates' single-object prompts (the
+shipped 97.9% less 3 points) and stripes unasked on at most 5% of `striped`'s over-erasure prompts.
+
+    python benchmarks/miniworld_unet_snapshots.py train OUT      # about 47 minutes on two cores
+    python benchmarks/miniworld_unet_snapshots.py judge OUT      # about 2 minutes per candidate
+
+`train` writes OUT/pipeline (the pipeline, its UNet the 4,000-step average), OUT/snapshots/step-NNNNN/{unet,ema_unet}
+and OUT/unet.json; `judge` writes benchmarks/results/miniworld_unet_snapshots.json.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from safetext.loading import resolve_model_name
+from safetext.miniworld.build import BuildConfig
+from safetext.miniworld.unet_training import train_unet
+
+SNAPSHOT_STEPS = (2000, 3000, 4000)
+EMA_DECAY = 0.9999
+"""SD's and diffusers' `EMAModel` default; over 4,000 steps the warm-up (1 + step) / (10 + step) sets the decay."""
+STRIPED_PER_SIZE = 40
+SINGLE_PER_CLASS = 5
+SELECTION_SEED = 1
+"""The gates draw their single-object prompts with seed 0; the stripe benchmarks' records used seed 0."""
+PROMPT_FOLLOWING_MARGIN = 0.05
+RESULT = Path(__file__).parent / "results" / "miniworld_unet_snapshots.json"
+
+
+def unet_config():
+    """The recipe's UNet stage as a build runs it (its seed is the build's seed plus 2), with the moving average."""
+    return replace(BuildConfig().unet, seed=BuildConfig().seed + 2, ema_decay=EMA_DECAY)
+
+
+def train(out: Path) -> None:
+    shipped = resolve_model_name("miniworld")
+    record = train_unet(
+        unet_config(),
+        clip_dir=shipped,
+        vae_dir=shipped,
+        output_dir=out / "pipeline",
+        snapshot_steps=SNAPSHOT_STEPS,
+        snapshot_dir=out / "snapshots",
+    )
+    record["text_encoder_and_autoencoder"] = "the shipped model's (float16 weights, computed in float32)"
+    (out / "unet.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def candidates(out: Path) -> dict[str, Path]:
+    """Every snapshot's weights and average, by name ("step 4000, average"), in schedule order."""
+    found = {}
+    for folder in sorted((out / "snapshots").glob("step-*")):
+        step = int(folder.name.split("-")[1])
+        for kind, label in (("unet", "weights"), ("ema_unet", "average")):
+            if (folder / kind / "config.json").is_file():
+                found[f"step {step}, {label}"] = folder / kind
+    return found
+
+
+@torch.no_grad()
+def judge(out: Path) -> None:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from miniworld_stripes_by_size import striped_scenes
+    from safetext.miniworld.detector import MiniWorldDetector
+    from safetext.miniworld.quality import NUM_INFERENCE_STEPS, draw, found, single_object_prompts
+    from safetext.miniworld.world import SIZES
+
+    found_candidates = candidates(out)
+    if f"step {SNAPSHOT_STEPS[-1]}, weights" not in found_candidates:
+        sys.exit(f"error: {out}/snapshots holds no step-{SNAPSHOT_STEPS[-1]:05d}/unet; run `train {out}` first")
+    detector = MiniWorldDetector()
+    striped = [striped_scenes(size, STRIPED_PER_SIZE, SELECTION_SEED)[1] for size in SIZES]
+    single = single_object_prompts(SINGLE_PER_CLASS, seed=SELECTION_SEED)
+    pipeline = StableDiffusionPipeline.from_pretrained(out / "pipeline", use_safetensors=True, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    results = {}
+    for name, folder in found_candidates.items():
+        start = time.time()
+        pipeline.unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
+        stripes = [found(detector, draw(pipeline, p, NUM_INFERENCE_STEPS), ["striped"] * len(p)) for p in striped]
+        named = found(detector, draw(pipeline, single, NUM_INFERENCE_STEPS), [r["subject"] for r in single.records])
+        results[name] = {
+            "folder": str(folder),
+            "striped_by_size": {size: float(s.mean()) for size, s in zip(SIZES, stripes)},
+            "striped": float(torch.tensor([x for s in stripes for x in s]).float().mean()),
+            "named_object": float(named.mean()),
+            "seconds": round(time.time() - start, 1),
+        }
+        print(f"{name}: stripes {results[name]['striped']:.1%}, named object {results[name]['named_object']:.1%}")
+
+    reference = results[f"step {SNAPSHOT_STEPS[-1]}, weights"]["named_object"]
+    eligible = [n for n, r in results.items() if r["named_object"] >= reference - PROMPT_FOLLOWING_MARGIN - 1e-9]
+    # candidates are in schedule order with the average after the weights: the last of the best wins ties
+    chosen = max(reversed(eligible), key=lambda n: results[n]["striped"])
+    record = {
+        "command": f"python benchmarks/miniworld_unet_snapshots.py judge {out}",
+        "rule": "most stripes among candidates whose named-object share is at most 5 points below the last "
+        "weights'; ties to the later step, then the average",
+        "selection_set": {
+            "striped": f"striped_scenes(size, {STRIPED_PER_SIZE}, seed={SELECTION_SEED}) for each size",
+            "single_object": f"single_object_prompts({SINGLE_PER_CLASS}, seed={SELECTION_SEED})",
+            "num_inference_steps": NUM_INFERENCE_STEPS,
+            "guidance_scale": single.records[0]["evaluation_guidance"],
+        },
+        "candidates": results,
+        "chosen": chosen,
+        "training": json.loads((out / "unet.json").read_text()) if (out / "unet.json").is_file() else None,
+    }
+    if record["training"] is not None:
+        record["training"].pop("losses", None)
+    RESULT.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"chosen: {chosen}; wrote {RESULT}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("train", "judge"))
+    parser.add_argument("out", type=Path, help="the experiment's folder")
+    args = parser.parse_args()
+    if args.mode == "train":
+        if args.out.exists() and any(args.out.iterdir()):
+            parser.error(f"{args.out} is not empty")
+        train(args.out)
+    else:
+        judge(args.out)
+
+
+if __name__ == "__main__":
+    main()
