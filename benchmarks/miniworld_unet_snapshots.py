@@ -21,13 +21,18 @@ shipped 97.9% less 3 points) and stripes unasked on at most 5% of `striped`'s ov
 
     python benchmarks/miniworld_unet_snapshots.py train OUT      # about 47 minutes on two cores
     python benchmarks/miniworld_unet_snapshots.py judge OUT      # about 2 minutes per candidate
+    python benchmarks/miniworld_unet_snapshots.py assemble OUT --candidate "step 4000, average" --dest DIR
+    safetext miniworld quality --model DIR
 
 `train` writes OUT/pipeline (the pipeline, its UNet the 4,000-step average), OUT/snapshots/step-NNNNN/{unet,ema_unet}
-and OUT/unet.json; `judge` writes benchmarks/results/miniworld_unet_snapshots.json.
+and OUT/unet.json; `judge` writes benchmarks/results/miniworld_unet_snapshots.json; `assemble` writes a candidate as
+a MiniWorld pipeline folder as a build would (float16 weights, `build.json`: the shipped build's record with this
+UNet stage's in place of its own) for the quality gates.
 """
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -136,17 +141,53 @@ def judge(out: Path) -> None:
     print(f"chosen: {chosen}; wrote {RESULT}")
 
 
+def assemble(out: Path, candidate: str, dest: Path) -> None:
+    import shutil
+
+    from safetext.miniworld.build import convert_to_half_precision
+
+    found_candidates = candidates(out)
+    if candidate not in found_candidates:
+        sys.exit(f"error: no candidate {candidate!r} in {out}; there are {', '.join(found_candidates)}")
+    shutil.copytree(out / "pipeline", dest)
+    shutil.rmtree(dest / "unet")
+    shutil.copytree(found_candidates[candidate], dest / "unet")
+    convert_to_half_precision(dest)
+    build = json.loads((Path(resolve_model_name("miniworld")) / "build.json").read_text())
+    unet = json.loads((out / "unet.json").read_text())
+    unet["candidate"] = candidate
+    build["wall_time_s"] = round(
+        build["wall_time_s"] - build["stages"]["unet"]["wall_time_s"] + unet["wall_time_s"], 1
+    )
+    build["stages"]["unet"] = unet
+    build["config"]["unet"] = unet["config"]
+    build["note"] = (
+        f"UNet: candidate {candidate!r} of `python benchmarks/miniworld_unet_snapshots.py train`, trained on the "
+        "shipped text encoder and autoencoder; every other stage and figure is the shipped build's"
+    )
+    (dest / "build.json").write_text(json.dumps(build, indent=1) + "\n")
+    print(f"wrote {dest}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("train", "judge"))
+    parser.add_argument("mode", choices=("train", "judge", "assemble"))
     parser.add_argument("out", type=Path, help="the experiment's folder")
+    parser.add_argument("--candidate", help="assemble: which candidate, as `judge` names it")
+    parser.add_argument("--dest", type=Path, help="assemble: the new pipeline folder (must not exist)")
     args = parser.parse_args()
+    # the UNet stage reports its progress through logging (tqdm is off outside a terminal)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.mode == "train":
         if args.out.exists() and any(args.out.iterdir()):
             parser.error(f"{args.out} is not empty")
         train(args.out)
-    else:
+    elif args.mode == "judge":
         judge(args.out)
+    else:
+        if args.candidate is None or args.dest is None or args.dest.exists():
+            parser.error("assemble needs --candidate and a --dest that does not exist yet")
+        assemble(args.out, args.candidate, args.dest)
 
 
 if __name__ == "__main__":
