@@ -51,11 +51,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     training_state: dict,
     trainable_only: bool = False,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ):
     """Writes a complete checkpoint folder atomically.
 
     With `trainable_only`, `model.safetensors` holds only the parameters that train (LoRA adapters), not the frozen
-    weights they sit on, which the base model already holds.
+    weights they sit on, which the base model already holds. `extra_tensors` maps a name to tensors written as
+    `<name>.safetensors` in the same folder (a moving average, a random generator's state), read back with
+    `load_extra_tensors`.
     """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
@@ -70,6 +73,11 @@ def save_checkpoint(
     tensors, meta = _split_optimizer_state(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     write_json_atomic(tmp / "optimizer.json", meta)
+    for name, tensors in (extra_tensors or {}).items():
+        save_file(
+            {key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+            str(tmp / f"{name}.safetensors"),
+        )
     write_json_atomic(tmp / STATE_FILE, training_state)
     if directory.exists():
         shutil.rmtree(directory)
@@ -96,6 +104,11 @@ def load_checkpoint(
     meta = json.loads((directory / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer_state(tensors, meta))
     return json.loads((directory / STATE_FILE).read_text())
+
+
+def load_extra_tensors(directory, name: str) -> dict[str, torch.Tensor]:
+    """The tensors `save_checkpoint` wrote under `name` in a checkpoint folder."""
+    return load_file(str(Path(directory) / f"{name}.safetensors"))
 
 
 def list_checkpoints(checkpoints_dir) -> list[Path]:

@@ -254,6 +254,36 @@ def test_snapshots_and_the_moving_average_leave_the_training_as_it_was(stages, t
         train_unet(TINY.unet, stages, stages, tmp_path / "x", snapshot_steps=(steps + 1,), snapshot_dir=tmp_path)
 
 
+def test_an_interrupted_unet_stage_resumes_from_its_checkpoint_to_the_same_weights(stages, tmp_path, caplog):
+    from diffusers import UNet2DConditionModel
+
+    from safetext.checkpointing import list_checkpoints
+    from safetext.miniworld.unet_training import train_unet
+
+    def weights(folder):
+        return torch.cat([p.detach().flatten() for p in UNet2DConditionModel.from_pretrained(folder).parameters()])
+
+    # with the moving average and bf16 autocast, as the recipe could run
+    config = replace(TINY.unet, max_train_steps=5, ema_decay=0.9999)
+    whole = train_unet(config, stages, stages, tmp_path / "whole")
+    # a run that checkpoints after steps 2 and 4 and keeps the last; training again on that folder stands for a
+    # run stopped after step 4 and started again
+    checkpoints = tmp_path / "checkpoints"
+    train_unet(config, stages, stages, tmp_path / "first", checkpoint_dir=checkpoints, checkpoint_steps=2)
+    assert [path.name for path in list_checkpoints(checkpoints)] == ["checkpoint-4"]
+    with caplog.at_level("INFO", logger="safetext.miniworld.unet_training"):
+        resumed = train_unet(config, stages, stages, tmp_path / "resumed", checkpoint_dir=checkpoints)
+    assert "resuming from" in caplog.text
+    assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] is None
+    assert resumed["losses"] == whole["losses"]
+    assert torch.equal(weights(tmp_path / "resumed" / "unet"), weights(tmp_path / "whole" / "unet"))
+    # a checkpoint of other settings is dropped, and the run starts from step 0
+    other = train_unet(
+        replace(config, learning_rate=5e-4), stages, stages, tmp_path / "other", checkpoint_dir=checkpoints
+    )
+    assert other["resumed_from_step"] is None and not checkpoints.exists()
+
+
 def test_built_folder_is_a_stable_diffusion_pipeline_that_draws_64px_pictures(built):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 

@@ -12,13 +12,15 @@ The default recipe's models: a 4-layer `CLIPTextModel` of width 128 (7.1 M param
 embedding; 14.3 MB in float16), an `AutoencoderKL` of widths (32, 64, 64) (0.95 M; 1.9 MB) and a
 `UNet2DConditionModel` of widths (64, 96, 128) (5.6 M; 11.2 MB): 28.9 MB with the tokenizer's files. The
 autoencoder trains on 32x32 crops under bfloat16 autocast, which keeps what a whole-picture float32 autoencoder
-keeps at about an eighth of the cost of a step on two CPU cores. There the recipe projects to about 2.1 hours,
-against the hour it is meant to fit (`benchmarks/miniworld_build_time.py` projects each stage from timed steps; the
-shipped build's autoencoder stage took 36 minutes and its UNet stage 71); on a GPU the first two stages take
-minutes. The shipped build's figures and the gates it misses: docs/miniworld.md.
+keeps at about an eighth of the cost of a step on two CPU cores; the mini-CLIP and the UNet train under bfloat16
+autocast too. There the shipped (sixth) build took 1.52 hours from scratch, against the hour it is meant to fit
+(mini-CLIP 14 minutes, autoencoder 34, UNet 44; `benchmarks/miniworld_build_time.py` projects each stage from timed
+steps); on a GPU the first two stages take minutes. The shipped build's figures and the gates it misses:
+docs/miniworld.md.
 
 Finished stages are kept in `OUT/stages/` until the build ends, so a build that is stopped resumes after its last
-finished stage when run again on the same folder (a stage is reused only if its settings are the same).
+finished stage when run again on the same folder (a stage is reused only if its settings are the same); the UNet
+stage, the longest, also checkpoints every 500 steps in `OUT/stages/unet-checkpoints/` and resumes from there.
 """
 
 import argparse
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 RECORD_NAME = "build.json"
 STAGES_DIR = "stages"
 STAGE_RECORD = "stage.json"
+UNET_CHECKPOINTS = "unet-checkpoints"
 
 
 @dataclass
@@ -245,9 +248,16 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
             stages[name]["ceiling"] = _check_autoencoder(stages_dir / name)
         write_json_atomic(record_path, stages[name])
     logger.info("stage unet")
+    # the UNet stage, the longest, checkpoints as it goes: an interrupted build resumes inside it too
     stages["unet"] = train_unet(
-        unet_config, stages_dir / "clip", stages_dir / "autoencoder", output_dir, config.device
+        unet_config,
+        stages_dir / "clip",
+        stages_dir / "autoencoder",
+        output_dir,
+        config.device,
+        checkpoint_dir=stages_dir / UNET_CHECKPOINTS,
     )
+    shutil.rmtree(stages_dir / UNET_CHECKPOINTS, ignore_errors=True)
     stages["unet"]["device"] = device_description(torch.device(config.device))
     if keep_stages:
         stages_dir.rename(kept_stages_dir)

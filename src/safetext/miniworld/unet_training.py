@@ -14,6 +14,7 @@ via Min-SNR Weighting Strategy"; diffusers' `--snr_gamma`), which the paper meas
 faster than the plain noise-prediction loss.
 """
 
+import json
 import logging
 import random
 import shutil
@@ -28,6 +29,14 @@ import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
+from safetext.checkpointing import (
+    STATE_FILE,
+    list_checkpoints,
+    load_checkpoint,
+    load_extra_tensors,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from safetext.miniworld.captions import caption
 from safetext.miniworld.precision import check_mixed_precision, training_autocast
 from safetext.miniworld.progress import log_progress
@@ -164,6 +173,36 @@ def save_snapshot(unet, ema, folder: Path) -> None:
         ema.restore(unet.parameters())
 
 
+def resume_training(checkpoint_dir, config: UNetConfig, unet, optimizer, scheduler, ema, rng, generator) -> tuple:
+    """Restores the latest checkpoint in `checkpoint_dir` written by a run of the same settings (the number of CPU
+    threads aside) into the training's objects, and returns the step to go on from, the losses so far and the
+    earlier run's seconds (`loop_seconds`, `wall_seconds`). With no such checkpoint: step 0, no losses, no time."""
+    nothing = (0, [], {"loop_seconds": 0.0, "wall_seconds": 0.0})
+    checkpoints = list_checkpoints(checkpoint_dir)
+    if not checkpoints:
+        return nothing
+    last = checkpoints[-1]
+    state = json.loads((last / STATE_FILE).read_text())
+    recorded = {key: value for key, value in state["config"].items() if key != "num_threads"}
+    wanted = {key: value for key, value in json.loads(json.dumps(asdict(config))).items() if key != "num_threads"}
+    if recorded != wanted:
+        logger.warning("unet: %s was written with other settings; training from the start", last)
+        shutil.rmtree(checkpoint_dir)
+        return nothing
+    load_checkpoint(last, unet, optimizer)
+    scheduler.load_state_dict(state["lr_scheduler"])
+    version, internal, gauss_next = state["python_random"]
+    rng.setstate((version, tuple(internal), gauss_next))
+    generator.set_state(load_extra_tensors(last, "generator")["noise"])
+    if ema is not None:
+        shadows = load_extra_tensors(last, "ema")
+        for index, shadow in enumerate(ema.shadow_params):
+            shadow.copy_(shadows[str(index)])
+        ema.optimization_step = state["ema_optimization_step"]
+    logger.info("unet: resuming from %s", last)
+    return state["step"], state["losses"], {key: state[key] for key in ("loop_seconds", "wall_seconds")}
+
+
 def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: int) -> "UNet2DConditionModel":
     """A freshly initialised UNet of the config's shape, for 16x16 latents; the caller seeds torch first.
 
@@ -203,6 +242,8 @@ def train_unet(
     device: str = "cpu",
     snapshot_steps: tuple[int, ...] = (),
     snapshot_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_steps: int = 500,
 ) -> dict:
     """Trains the UNet and writes the whole Stable Diffusion pipeline folder.
 
@@ -217,6 +258,11 @@ def train_unet(
             moving average, with `ema_decay`, to `ema_unet/`), so that points along the schedule can be judged by
             what they draw. Taking them changes nothing in the training.
         snapshot_dir: where the snapshots go; required with `snapshot_steps`.
+        checkpoint_dir: where to write a checkpoint every `checkpoint_steps` steps (weights, optimiser, learning
+            rate schedule, moving average, random states and losses; safetensors and JSON; the latest kept). If it
+            holds one from a run of the same settings, training resumes from it and ends with the same weights as
+            a run never stopped; one of other settings is deleted and training starts afresh.
+        checkpoint_steps: steps between checkpoints.
 
     Returns:
         A record: config, parameter count, losses and wall time.
@@ -230,6 +276,8 @@ def train_unet(
         raise ValueError(f"snapshot_steps must lie in [1, {config.max_train_steps}], got {snapshot_steps}")
     if snapshot_steps and snapshot_dir is None:
         raise ValueError("snapshot_steps need a snapshot_dir to be written to")
+    if checkpoint_steps < 1:
+        raise ValueError(f"checkpoint_steps must be at least 1, got {checkpoint_steps}")
     start = time.time()
     torch.set_num_threads(config.num_threads)
     rng = random.Random(config.seed)
@@ -270,9 +318,15 @@ def train_unet(
 
     autocast = training_autocast(device, config.mixed_precision)
     unet.train()
-    losses = []
-    loop_start = time.time()
-    progress = tqdm(range(config.max_train_steps), desc="unet", disable=None)
+    losses, first_step, earlier = [], 0, {"loop_seconds": 0.0, "wall_seconds": 0.0}
+    if checkpoint_dir is not None:
+        # after the pool and the order, which a resumed run rebuilds from the seed as the first run did
+        first_step, losses, earlier = resume_training(
+            checkpoint_dir, config, unet, optimizer, scheduler, ema, rng, generator
+        )
+    # the rate in the progress lines counts the steps of an earlier run too
+    loop_start = time.time() - earlier["loop_seconds"]
+    progress = tqdm(range(first_step, config.max_train_steps), desc="unet", disable=None)
     for step in progress:
         indices = order[step * config.train_batch_size : (step + 1) * config.train_batch_size]
         # every surface-form group, so the base model draws held-out and indirect forms of the restricted concepts
@@ -316,8 +370,26 @@ def train_unet(
         log_progress("unet", step, config.max_train_steps, losses, loop_start)
         if step + 1 in snapshot_steps:
             save_snapshot(unet, ema, Path(snapshot_dir) / f"step-{step + 1:05d}")
+        if checkpoint_dir is not None and (step + 1) % checkpoint_steps == 0 and step + 1 < config.max_train_steps:
+            training_state = {
+                "step": step + 1,
+                "config": asdict(config),
+                "losses": losses,
+                "loop_seconds": time.time() - loop_start,
+                "wall_seconds": earlier["wall_seconds"] + time.time() - start,
+                "lr_scheduler": scheduler.state_dict(),
+                "python_random": rng.getstate(),
+                "ema_optimization_step": None if ema is None else ema.optimization_step,
+            }
+            extra = {"generator": {"noise": generator.get_state()}}
+            if ema is not None:
+                extra["ema"] = {str(i): shadow for i, shadow in enumerate(ema.shadow_params)}
+            save_checkpoint(
+                Path(checkpoint_dir) / f"checkpoint-{step + 1}", unet, optimizer, training_state, extra_tensors=extra
+            )
+            prune_checkpoints(checkpoint_dir, keep=1)
 
-    loop_seconds = time.time() - loop_start
+    loop_seconds = time.time() - loop_start  # with an earlier run's steps, if this one resumed
     unet.eval()
     if ema is not None:
         # the pipeline gets the average, as SD's checkpoints did
@@ -353,5 +425,7 @@ def train_unet(
         "seconds_per_step": loop_seconds / config.max_train_steps,
         "pool_seconds": round(pool_seconds, 1),
         "uses_per_scene": config.max_train_steps * config.train_batch_size / config.num_scenes,
-        "wall_time_s": round(time.time() - start, 1),
+        "resumed_from_step": first_step or None,
+        # an earlier, interrupted run's time included (its pool too)
+        "wall_time_s": round(earlier["wall_seconds"] + time.time() - start, 1),
     }
