@@ -165,6 +165,9 @@ def assemble(out: Path, candidate: str, dest: Path) -> None:
     build = json.loads((Path(resolve_model_name("miniworld")) / "build.json").read_text())
     unet = json.loads((out / "unet.json").read_text())
     unet["candidate"] = candidate
+    # the record describes the run; these say which of its snapshots this folder holds
+    unet["saved_weights"] = "moving average" if candidate.endswith("average") else "last"
+    unet["steps_taken"] = int(candidate.split(",")[0].split()[1])
     build["wall_time_s"] = round(
         build["wall_time_s"] - build["stages"]["unet"]["wall_time_s"] + unet["wall_time_s"], 1
     )

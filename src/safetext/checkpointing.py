@@ -73,10 +73,11 @@ def save_checkpoint(
     tensors, meta = _split_optimizer_state(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     write_json_atomic(tmp / "optimizer.json", meta)
-    for name, tensors in (extra_tensors or {}).items():
+    for name, extra in (extra_tensors or {}).items():
+        if name in ("model", "optimizer"):
+            raise ValueError(f"extra_tensors may not be named {name!r}: the checkpoint's own file has that name")
         save_file(
-            {key: value.detach().cpu().contiguous() for key, value in tensors.items()},
-            str(tmp / f"{name}.safetensors"),
+            {key: value.detach().cpu().contiguous() for key, value in extra.items()}, str(tmp / f"{name}.safetensors")
         )
     write_json_atomic(tmp / STATE_FILE, training_state)
     if directory.exists():

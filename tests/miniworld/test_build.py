@@ -264,16 +264,18 @@ def test_an_interrupted_unet_stage_resumes_from_its_checkpoint_to_the_same_weigh
         return torch.cat([p.detach().flatten() for p in UNet2DConditionModel.from_pretrained(folder).parameters()])
 
     # with the moving average and bf16 autocast, as the recipe could run
-    config = replace(TINY.unet, max_train_steps=5, ema_decay=0.9999)
+    config = replace(TINY.unet, max_train_steps=6, ema_decay=0.9999)
     whole = train_unet(config, stages, stages, tmp_path / "whole")
-    # a run that checkpoints after steps 2 and 4 and keeps the last; training again on that folder stands for a
-    # run stopped after step 4 and started again
+    # a run that checkpoints after steps 1 to 5 and keeps the last two; training again on that folder stands for a
+    # run stopped after step 4 whose save after step 5 was cut short (two steps left: the learning rate's schedule
+    # counts too)
     checkpoints = tmp_path / "checkpoints"
-    train_unet(config, stages, stages, tmp_path / "first", checkpoint_dir=checkpoints, checkpoint_steps=2)
-    assert [path.name for path in list_checkpoints(checkpoints)] == ["checkpoint-4"]
+    train_unet(config, stages, stages, tmp_path / "first", checkpoint_dir=checkpoints, checkpoint_steps=1)
+    assert [path.name for path in list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-5"]
+    (checkpoints / "checkpoint-5" / "model.safetensors").write_bytes(b"cut short")
     with caplog.at_level("INFO", logger="safetext.miniworld.unet_training"):
         resumed = train_unet(config, stages, stages, tmp_path / "resumed", checkpoint_dir=checkpoints)
-    assert "resuming from" in caplog.text
+    assert "cannot read" in caplog.text and "resuming from" in caplog.text
     assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] is None
     assert resumed["losses"] == whole["losses"]
     assert torch.equal(weights(tmp_path / "resumed" / "unet"), weights(tmp_path / "whole" / "unet"))
@@ -281,7 +283,7 @@ def test_an_interrupted_unet_stage_resumes_from_its_checkpoint_to_the_same_weigh
     other = train_unet(
         replace(config, learning_rate=5e-4), stages, stages, tmp_path / "other", checkpoint_dir=checkpoints
     )
-    assert other["resumed_from_step"] is None and not checkpoints.exists()
+    assert other["resumed_from_step"] is None and list_checkpoints(checkpoints) == []
 
 
 def test_built_folder_is_a_stable_diffusion_pipeline_that_draws_64px_pictures(built):

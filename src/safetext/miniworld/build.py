@@ -248,7 +248,10 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
             stages[name]["ceiling"] = _check_autoencoder(stages_dir / name)
         write_json_atomic(record_path, stages[name])
     logger.info("stage unet")
-    # the UNet stage, the longest, checkpoints as it goes: an interrupted build resumes inside it too
+    # the UNet stage, the longest, checkpoints as it goes: an interrupted build resumes inside it too, unless a
+    # stage before it was trained again, which changes what the UNet learns from
+    if resumed != ["clip", "autoencoder"]:
+        shutil.rmtree(stages_dir / UNET_CHECKPOINTS, ignore_errors=True)
     stages["unet"] = train_unet(
         unet_config,
         stages_dir / "clip",
@@ -266,7 +269,9 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
     half_precision_files = convert_to_half_precision(output_dir) if config.half_precision else []
 
     # a resumed build counts the reused stages' time, so that the figure is what the whole recipe cost
-    wall_time_s = round(time.time() - start + sum(stages[name]["wall_time_s"] for name in resumed), 1)
+    # (and the UNet stage's time before an interruption)
+    earlier = sum(stages[name]["wall_time_s"] for name in resumed) + stages["unet"]["resumed_wall_time_s"]
+    wall_time_s = round(time.time() - start + earlier, 1)
     if wall_time_s > config.time_budget_s:
         logger.warning("the build took %.0f s, over its budget of %.0f s", wall_time_s, config.time_budget_s)
     record = {

@@ -37,6 +37,7 @@ from safetext.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
+from safetext.errors import SafeTextError
 from safetext.miniworld.captions import caption
 from safetext.miniworld.precision import check_mixed_precision, training_autocast
 from safetext.miniworld.progress import log_progress
@@ -80,9 +81,10 @@ class UNetConfig:
             CPU the attention then runs in diffusers' classic processor (see `train_unet`). "no" trains in float32,
             as the builds before the sixth did.
         ema_decay: keep an exponential moving average of the weights and save it as the pipeline's UNet, as SD's
-            training did (diffusers' `EMAModel` and `train_text_to_image.py --use_ema`). Its decay is
-            min(ema_decay, (1 + step) / (10 + step)), so over a schedule of a few thousand steps the average spans
-            about the last ninth of the steps taken. None (the recipe) saves the last weights.
+            training did (diffusers' `EMAModel` and `train_text_to_image.py --use_ema`). After n steps its decay is
+            min(ema_decay, n / (9 + n)) (0 after the first), so over a schedule of a few thousand steps the
+            average's weights are about a tenth of the steps taken old on average. None (the recipe) saves the
+            last weights.
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
@@ -174,33 +176,47 @@ def save_snapshot(unet, ema, folder: Path) -> None:
 
 
 def resume_training(checkpoint_dir, config: UNetConfig, unet, optimizer, scheduler, ema, rng, generator) -> tuple:
-    """Restores the latest checkpoint in `checkpoint_dir` written by a run of the same settings (the number of CPU
-    threads aside) into the training's objects, and returns the step to go on from, the losses so far and the
-    earlier run's seconds (`loop_seconds`, `wall_seconds`). With no such checkpoint: step 0, no losses, no time."""
+    """Restores the latest readable checkpoint in `checkpoint_dir` written by a run of the same settings (the number
+    of CPU threads aside) into the training's objects, and returns the step to go on from, the losses so far and
+    the earlier run's seconds (`loop_seconds`, `wall_seconds`). With no such checkpoint: step 0, no losses, no time.
+
+    Checkpoints of other settings are deleted. If the latest cannot be read (a machine that lost power while
+    writing it), the one before it is used."""
     nothing = (0, [], {"loop_seconds": 0.0, "wall_seconds": 0.0})
     checkpoints = list_checkpoints(checkpoint_dir)
     if not checkpoints:
         return nothing
-    last = checkpoints[-1]
-    state = json.loads((last / STATE_FILE).read_text())
-    recorded = {key: value for key, value in state["config"].items() if key != "num_threads"}
-    wanted = {key: value for key, value in json.loads(json.dumps(asdict(config))).items() if key != "num_threads"}
-    if recorded != wanted:
-        logger.warning("unet: %s was written with other settings; training from the start", last)
-        shutil.rmtree(checkpoint_dir)
+    recorded = json.loads((checkpoints[-1] / STATE_FILE).read_text())["config"]
+    wanted = json.loads(json.dumps(asdict(config)))
+    if {k: v for k, v in recorded.items() if k != "num_threads"} != {
+        k: v for k, v in wanted.items() if k != "num_threads"
+    }:
+        logger.warning(
+            "unet: the checkpoints in %s were written with other settings; training from the start", checkpoint_dir
+        )
+        for path in checkpoints:
+            shutil.rmtree(path)
         return nothing
-    load_checkpoint(last, unet, optimizer)
-    scheduler.load_state_dict(state["lr_scheduler"])
-    version, internal, gauss_next = state["python_random"]
-    rng.setstate((version, tuple(internal), gauss_next))
-    generator.set_state(load_extra_tensors(last, "generator")["noise"])
-    if ema is not None:
-        shadows = load_extra_tensors(last, "ema")
-        for index, shadow in enumerate(ema.shadow_params):
-            shadow.copy_(shadows[str(index)])
-        ema.optimization_step = state["ema_optimization_step"]
-    logger.info("unet: resuming from %s", last)
-    return state["step"], state["losses"], {key: state[key] for key in ("loop_seconds", "wall_seconds")}
+    for last in reversed(checkpoints):
+        try:
+            state = json.loads((last / STATE_FILE).read_text())
+            load_checkpoint(last, unet, optimizer)
+            generator_state = load_extra_tensors(last, "generator")["noise"]
+            shadows = None if ema is None else load_extra_tensors(last, "ema")
+        except Exception as error:  # a truncated file shows as any of several errors of safetensors, json or torch
+            logger.warning("unet: cannot read %s (%s); trying the checkpoint before it", last, error)
+            continue
+        scheduler.load_state_dict(state["lr_scheduler"])
+        version, internal, gauss_next = state["python_random"]
+        rng.setstate((version, tuple(internal), gauss_next))
+        generator.set_state(generator_state)
+        if ema is not None:
+            for index, shadow in enumerate(ema.shadow_params):
+                shadow.copy_(shadows[str(index)])
+            ema.optimization_step = state["ema_optimization_step"]
+        logger.info("unet: resuming from %s", last)
+        return state["step"], state["losses"], {key: state[key] for key in ("loop_seconds", "wall_seconds")}
+    raise SafeTextError(f"none of the UNet checkpoints in {checkpoint_dir} can be read; delete them to start afresh")
 
 
 def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: int) -> "UNet2DConditionModel":
@@ -259,9 +275,10 @@ def train_unet(
             what they draw. Taking them changes nothing in the training.
         snapshot_dir: where the snapshots go; required with `snapshot_steps`.
         checkpoint_dir: where to write a checkpoint every `checkpoint_steps` steps (weights, optimiser, learning
-            rate schedule, moving average, random states and losses; safetensors and JSON; the latest kept). If it
-            holds one from a run of the same settings, training resumes from it and ends with the same weights as
-            a run never stopped; one of other settings is deleted and training starts afresh.
+            rate schedule, moving average, random states and losses; safetensors and JSON; the latest two kept). If
+            it holds one from a run of the same settings, training resumes from it, and on the same device and
+            number of threads ends with the same weights as a run never stopped; checkpoints of other settings are
+            deleted and training starts afresh.
         checkpoint_steps: steps between checkpoints.
 
     Returns:
@@ -387,7 +404,8 @@ def train_unet(
             save_checkpoint(
                 Path(checkpoint_dir) / f"checkpoint-{step + 1}", unet, optimizer, training_state, extra_tensors=extra
             )
-            prune_checkpoints(checkpoint_dir, keep=1)
+            # two, so that one survives a save cut short
+            prune_checkpoints(checkpoint_dir, keep=2)
 
     loop_seconds = time.time() - loop_start  # with an earlier run's steps, if this one resumed
     unet.eval()
@@ -426,6 +444,7 @@ def train_unet(
         "pool_seconds": round(pool_seconds, 1),
         "uses_per_scene": config.max_train_steps * config.train_batch_size / config.num_scenes,
         "resumed_from_step": first_step or None,
+        "resumed_wall_time_s": round(earlier["wall_seconds"], 1),
         # an earlier, interrupted run's time included (its pool too)
         "wall_time_s": round(earlier["wall_seconds"] + time.time() - start, 1),
     }
