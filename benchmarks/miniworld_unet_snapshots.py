@@ -53,7 +53,7 @@ from safetext.miniworld.unet_training import train_unet
 
 SNAPSHOT_STEPS = (2000, 3000, 4000)
 EMA_DECAY = 0.9999
-"""SD's and diffusers' `EMAModel` default; over 4,000 steps the warm-up (1 + step) / (10 + step) sets the decay."""
+"""SD's and diffusers' `EMAModel` default; over 4,000 steps the warm-up, n / (9 + n) after n steps, sets the decay."""
 STRIPED_PER_SIZE = 40
 SINGLE_PER_CLASS = 5
 SELECTION_SEED = 1
