@@ -45,6 +45,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from safetext.loading import resolve_model_name
@@ -120,7 +121,7 @@ def judge(out: Path) -> None:
         results[name] = {
             "folder": str(folder),
             "striped_by_size": {size: float(s.mean()) for size, s in zip(SIZES, stripes)},
-            "striped": float(torch.tensor([x for s in stripes for x in s]).float().mean()),
+            "striped": float(np.concatenate(stripes).mean()),
             "named_object": float(named.mean()),
             "seconds": round(time.time() - start, 1),
         }

@@ -175,6 +175,27 @@ def save_snapshot(unet, ema, folder: Path) -> None:
         ema.restore(unet.parameters())
 
 
+def save_training_checkpoint(
+    checkpoint_dir, step: int, config: UNetConfig, unet, optimizer, scheduler, ema, rng, generator, losses, seconds
+) -> None:
+    """Writes `checkpoint_dir/checkpoint-<step>` with all that `resume_training` restores, and keeps the latest two,
+    so that one survives a save cut short. `seconds` holds the run's `loop_seconds` and `wall_seconds` so far."""
+    training_state = {
+        "step": step,
+        "config": asdict(config),
+        "losses": losses,
+        **seconds,
+        "lr_scheduler": scheduler.state_dict(),
+        "python_random": rng.getstate(),
+        "ema_optimization_step": None if ema is None else ema.optimization_step,
+    }
+    extra = {"generator": {"noise": generator.get_state()}}
+    if ema is not None:
+        extra["ema"] = {str(i): shadow for i, shadow in enumerate(ema.shadow_params)}
+    save_checkpoint(Path(checkpoint_dir) / f"checkpoint-{step}", unet, optimizer, training_state, extra_tensors=extra)
+    prune_checkpoints(checkpoint_dir, keep=2)
+
+
 def resume_training(checkpoint_dir, config: UNetConfig, unet, optimizer, scheduler, ema, rng, generator) -> tuple:
     """Restores the latest readable checkpoint in `checkpoint_dir` written by a run of the same settings (the number
     of CPU threads aside) into the training's objects, and returns the step to go on from, the losses so far and
@@ -199,8 +220,7 @@ def resume_training(checkpoint_dir, config: UNetConfig, unet, optimizer, schedul
         return nothing
     for last in reversed(checkpoints):
         try:
-            state = json.loads((last / STATE_FILE).read_text())
-            load_checkpoint(last, unet, optimizer)
+            state = load_checkpoint(last, unet, optimizer)
             generator_state = load_extra_tensors(last, "generator")["noise"]
             shadows = None if ema is None else load_extra_tensors(last, "ema")
         except Exception as error:  # a truncated file shows as any of several errors of safetensors, json or torch
@@ -388,24 +408,13 @@ def train_unet(
         if step + 1 in snapshot_steps:
             save_snapshot(unet, ema, Path(snapshot_dir) / f"step-{step + 1:05d}")
         if checkpoint_dir is not None and (step + 1) % checkpoint_steps == 0 and step + 1 < config.max_train_steps:
-            training_state = {
-                "step": step + 1,
-                "config": asdict(config),
-                "losses": losses,
+            seconds = {
                 "loop_seconds": time.time() - loop_start,
                 "wall_seconds": earlier["wall_seconds"] + time.time() - start,
-                "lr_scheduler": scheduler.state_dict(),
-                "python_random": rng.getstate(),
-                "ema_optimization_step": None if ema is None else ema.optimization_step,
             }
-            extra = {"generator": {"noise": generator.get_state()}}
-            if ema is not None:
-                extra["ema"] = {str(i): shadow for i, shadow in enumerate(ema.shadow_params)}
-            save_checkpoint(
-                Path(checkpoint_dir) / f"checkpoint-{step + 1}", unet, optimizer, training_state, extra_tensors=extra
+            save_training_checkpoint(
+                checkpoint_dir, step + 1, config, unet, optimizer, scheduler, ema, rng, generator, losses, seconds
             )
-            # two, so that one survives a save cut short
-            prune_checkpoints(checkpoint_dir, keep=2)
 
     loop_seconds = time.time() - loop_start  # with an earlier run's steps, if this one resumed
     unet.eval()
