@@ -28,6 +28,7 @@ stripes unasked on at most 5%.
     python benchmarks/miniworld_unet_snapshots.py train OUT      # about 47 minutes on two cores
     python benchmarks/miniworld_unet_snapshots.py judge OUT      # about 2 minutes per candidate
     python benchmarks/miniworld_unet_snapshots.py train OUT --block-out-channels 96,96,128   # other widths
+    python benchmarks/miniworld_unet_snapshots.py train OUT --max-train-steps 2800   # a shorter schedule
     python benchmarks/miniworld_unet_snapshots.py assemble OUT --candidate "step 4000, average" --dest DIR
     safetext miniworld quality --model DIR
 
@@ -63,21 +64,29 @@ PROMPT_FOLLOWING_MARGIN = 0.05
 RESULT = Path(__file__).parent / "results" / "miniworld_unet_snapshots.json"
 
 
-def unet_config(block_out_channels: tuple[int, ...] | None = None):
+def unet_config(block_out_channels: tuple[int, ...] | None = None, max_train_steps: int | None = None):
     """The recipe's UNet stage as a build runs it (its seed is the build's seed plus 2), with the moving average,
-    and other widths if given."""
+    and other widths or another schedule length (its own warm-up and cosine decay) if given."""
     config = replace(BuildConfig().unet, seed=BuildConfig().seed + 2, ema_decay=EMA_DECAY)
-    return config if block_out_channels is None else replace(config, block_out_channels=block_out_channels)
+    if block_out_channels is not None:
+        config = replace(config, block_out_channels=block_out_channels)
+    return config if max_train_steps is None else replace(config, max_train_steps=max_train_steps)
 
 
-def train(out: Path, block_out_channels: tuple[int, ...] | None = None) -> None:
+def snapshot_steps(max_train_steps: int) -> tuple[int, ...]:
+    """`SNAPSHOT_STEPS` within a schedule, and its last step."""
+    return tuple(step for step in SNAPSHOT_STEPS if step < max_train_steps) + (max_train_steps,)
+
+
+def train(out: Path, block_out_channels: tuple[int, ...] | None = None, max_train_steps: int | None = None) -> None:
     shipped = resolve_model_name("miniworld")
+    config = unet_config(block_out_channels, max_train_steps)
     record = train_unet(
-        unet_config(block_out_channels),
+        config,
         clip_dir=shipped,
         vae_dir=shipped,
         output_dir=out / "pipeline",
-        snapshot_steps=SNAPSHOT_STEPS,
+        snapshot_steps=snapshot_steps(config.max_train_steps),
         snapshot_dir=out / "snapshots",
     )
     record["text_encoder_and_autoencoder"] = "the shipped model's (float16 weights, computed in float32)"
@@ -105,8 +114,11 @@ def judge(out: Path) -> None:
     from safetext.miniworld.world import SIZES
 
     found_candidates = candidates(out)
-    if f"step {SNAPSHOT_STEPS[-1]}, weights" not in found_candidates:
-        sys.exit(f"error: {out}/snapshots holds no step-{SNAPSHOT_STEPS[-1]:05d}/unet; run `train {out}` first")
+    weights = [name for name in found_candidates if name.endswith("weights")]
+    if not weights:
+        sys.exit(f"error: {out}/snapshots holds no step-*/unet; run `train {out}` first")
+    # the reference is the schedule's last weights (candidates are in schedule order)
+    last = weights[-1]
     detector = MiniWorldDetector()
     striped = [striped_scenes(size, STRIPED_PER_SIZE, SELECTION_SEED)[1] for size in SIZES]
     single = single_object_prompts(SINGLE_PER_CLASS, seed=SELECTION_SEED)
@@ -127,7 +139,7 @@ def judge(out: Path) -> None:
         }
         print(f"{name}: stripes {results[name]['striped']:.1%}, named object {results[name]['named_object']:.1%}")
 
-    reference = results[f"step {SNAPSHOT_STEPS[-1]}, weights"]["named_object"]
+    reference = results[last]["named_object"]
     eligible = [n for n, r in results.items() if r["named_object"] >= reference - PROMPT_FOLLOWING_MARGIN - 1e-9]
     # candidates are in schedule order with the average after the weights: the last of the best wins ties
     chosen = max(reversed(eligible), key=lambda n: results[n]["striped"])
@@ -190,6 +202,9 @@ def main() -> None:
         "--block-out-channels",
         help="train: the UNet's widths, 16x16 level first (e.g. 96,96,128); default the recipe's",
     )
+    parser.add_argument(
+        "--max-train-steps", type=int, help="train: the schedule's length (its own decay); default the recipe's"
+    )
     parser.add_argument("--candidate", help="assemble: which candidate, as `judge` names it")
     parser.add_argument("--dest", type=Path, help="assemble: the new pipeline folder (must not exist)")
     args = parser.parse_args()
@@ -205,7 +220,9 @@ def main() -> None:
                 unet_config(widths)
             except ValueError as error:
                 parser.error(f"--block-out-channels: {error}")
-        train(args.out, widths)
+        if args.max_train_steps is not None and args.max_train_steps < 200:
+            parser.error(f"--max-train-steps must be at least 200, got {args.max_train_steps}")
+        train(args.out, widths, args.max_train_steps)
     elif args.mode == "judge":
         judge(args.out)
     else:
