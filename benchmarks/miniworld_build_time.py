@@ -1,6 +1,7 @@
 """How long `safetext miniworld build`'s recipe takes on this machine, against its budget of one hour on two cores.
 
-Each stage runs a few steps with the recipe's own settings (`BuildConfig()`), on pools far smaller than the
+Each stage runs a few steps with the recipe's own settings (`BuildConfig()` as a build resolves it here: where the
+CPU has no native bfloat16, the stages set to bf16 run in float32, and the result's name ends in `-no-native-bf16`), on pools far smaller than the
 recipe's (pool size does not change a step's cost), and the stage's time is projected as its steps times the
 measured seconds per step; the pools' rendering and encoding are left out. The UNet's steps run on the short
 mini-CLIP and autoencoder just trained, which have the recipe's shapes. Prints the figures and, as its last line,
@@ -10,15 +11,16 @@ A variant of the recipe (`--clip-mixed-precision no|bf16`: the mini-CLIP in floa
 `--autoencoder-mixed-precision no|bf16`: the autoencoder in float32 or under bfloat16
 autocast; `--autoencoder-crop-size 32|none`: the autoencoder trained on 32x32 crops or on whole pictures;
 `--unet-mixed-precision no|bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
-`--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; an option not given keeps
-the recipe's setting) is timed together with the recipe itself in the same run, and each stage's speed is printed
+`--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; `--autoencoder-batch-size
+N`: pictures per autoencoder step; `--autoencoder-steps N`, `--unet-steps N`: shorter or longer schedules, which
+change the projection only; an option not given keeps the recipe's setting) is timed together with the recipe itself in the same run, and each stage's speed is printed
 as a ratio to the recipe's; its figures go to `miniworld_build_time-<changes>.json`, named by what differs from the
 recipe. That projects time only: whether a variant reaches the recipe's quality takes a full build to tell.
 
     python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--clip-mixed-precision no|bf16]
         [--autoencoder-mixed-precision no|bf16]
         [--autoencoder-crop-size 32|none] [--unet-mixed-precision no|bf16] [--unet-attention-at-16x16]
-        [--unet-attention-heads 2,8,8]
+        [--unet-attention-heads 2,8,8] [--autoencoder-batch-size 32] [--autoencoder-steps N] [--unet-steps N]
 """
 
 import argparse
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from safetext.miniworld.autoencoder_training import train_autoencoder
-from safetext.miniworld.build import BuildConfig
+from safetext.miniworld.build import BuildConfig, resolve_precision
 from safetext.miniworld.clip_training import train_mini_clip
 from safetext.miniworld.unet_training import train_unet
 
@@ -79,6 +81,12 @@ def _changes(recipe: BuildConfig, variant: BuildConfig) -> list[str]:
         heads = variant.unet.attention_head_dim
         heads = heads if isinstance(heads, tuple) else (heads,)
         changes.append("unet-heads-" + "-".join(str(count) for count in heads))
+    if variant.autoencoder.train_batch_size != recipe.autoencoder.train_batch_size:
+        changes.append(f"autoencoder-batch-{variant.autoencoder.train_batch_size}")
+    if variant.autoencoder.max_train_steps != recipe.autoencoder.max_train_steps:
+        changes.append(f"autoencoder-steps-{variant.autoencoder.max_train_steps}")
+    if variant.unet.max_train_steps != recipe.unet.max_train_steps:
+        changes.append(f"unet-steps-{variant.unet.max_train_steps}")
     return changes
 
 
@@ -100,9 +108,13 @@ def main() -> None:
         "--unet-attention-at-16x16", action="store_true", default=None, help="attention at the UNet's finest level"
     )
     parser.add_argument("--unet-attention-heads", help="heads per level, 16x16 first, comma-separated (e.g. 2,8,8)")
+    parser.add_argument("--autoencoder-batch-size", type=int, help="pictures per step (default: the recipe's)")
+    parser.add_argument("--autoencoder-steps", type=int, help="the autoencoder's schedule (default: the recipe's)")
+    parser.add_argument("--unet-steps", type=int, help="the UNet's schedule (default: the recipe's)")
     args = parser.parse_args()
     try:
-        recipe = BuildConfig(device=args.device)
+        # as a build resolves it: the stages set to bf16 in float32 where the device has no native bfloat16
+        recipe, float32_stages = resolve_precision(BuildConfig(device=args.device))
     except ValueError as error:
         parser.error(str(error))
     heads = recipe.unet.attention_head_dim
@@ -121,12 +133,15 @@ def main() -> None:
                 recipe.autoencoder,
                 mixed_precision=args.autoencoder_mixed_precision or recipe.autoencoder.mixed_precision,
                 crop_size=crop_size,
+                train_batch_size=args.autoencoder_batch_size or recipe.autoencoder.train_batch_size,
+                max_train_steps=args.autoencoder_steps or recipe.autoencoder.max_train_steps,
             ),
             unet=replace(
                 recipe.unet,
                 mixed_precision=args.unet_mixed_precision or recipe.unet.mixed_precision,
                 attention_at_16x16=args.unet_attention_at_16x16 or recipe.unet.attention_at_16x16,
                 attention_head_dim=heads,
+                max_train_steps=args.unet_steps or recipe.unet.max_train_steps,
             ),
         )
     except ValueError as error:
@@ -144,6 +159,7 @@ def main() -> None:
         "cpu_threads": torch.get_num_threads(),
         "steps_timed": args.steps,
         "changes_from_recipe": changes,
+        "precision_fallback": float32_stages,
         "stages": {
             name: {
                 "steps": configs[name].max_train_steps,
@@ -160,7 +176,7 @@ def main() -> None:
         record["speedup_over_recipe"] = {name: reference[name] / timed[name] for name in timed}
     record["projected_seconds"] = sum(stage["projected_seconds"] for stage in record["stages"].values())
     record["ratio_to_budget"] = record["projected_seconds"] / recipe.time_budget_s
-    suffix = "".join(f"-{change}" for change in changes)
+    suffix = "".join(f"-{change}" for change in changes) + ("-no-native-bf16" if float32_stages else "")
     out = Path(__file__).parent / "results" / f"miniworld_build_time{suffix}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     for name, stage in record["stages"].items():

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from safetext.loading import resolve_model_name
-from safetext.miniworld.build import BuildConfig
+from safetext.miniworld.build import BuildConfig, resolve_precision
 from safetext.miniworld.unet_training import train_unet
 
 SNAPSHOT_STEPS = (2000, 3000, 4000)
@@ -67,7 +67,9 @@ RESULT = Path(__file__).parent / "results" / "miniworld_unet_snapshots.json"
 def unet_config(block_out_channels: tuple[int, ...] | None = None, max_train_steps: int | None = None):
     """The recipe's UNet stage as a build runs it (its seed is the build's seed plus 2), with the moving average,
     and other widths or another schedule length (its own warm-up and cosine decay) if given."""
-    config = replace(BuildConfig().unet, seed=BuildConfig().seed + 2, ema_decay=EMA_DECAY)
+    # as a build resolves it: float32 where the CPU has no native bfloat16
+    recipe = resolve_precision(BuildConfig())[0]
+    config = replace(recipe.unet, seed=recipe.seed + 2, ema_decay=EMA_DECAY)
     if block_out_channels is not None:
         config = replace(config, block_out_channels=block_out_channels)
     return config if max_train_steps is None else replace(config, max_train_steps=max_train_steps)

@@ -17,6 +17,7 @@ import safetext
 from safetext.miniworld.autoencoder_training import AutoencoderConfig, random_crops, train_autoencoder
 from safetext.miniworld.build import RECORD_NAME, BuildConfig, main
 from safetext.miniworld.clip_training import MiniClipConfig, contrastive_loss, train_mini_clip
+from safetext.miniworld.precision import bf16_is_native
 from safetext.miniworld.unet_training import UNetConfig
 
 TINY = BuildConfig.quick()
@@ -325,6 +326,12 @@ def test_built_weights_are_half_precision_and_the_record_describes_every_stage(b
         assert len(stage["losses"]) == stage["config"]["max_train_steps"]
         assert stage["wall_time_s"] >= 0
     assert record["size_bytes"] > 0 and record["provenance"]["versions"]
+    # the quick recipe asks bf16 of every stage; a CPU without native bfloat16 trains them in float32, and says so
+    fallback = [] if bf16_is_native("cpu") else ["clip", "autoencoder", "unet"]
+    assert record["precision_fallback"] == fallback
+    ran = {name: record["stages"][name]["config"]["mixed_precision"] for name in ("clip", "autoencoder", "unet")}
+    assert ran == {name: "no" if name in fallback else "bf16" for name in ran}
+    assert record["config"]["unet"]["mixed_precision"] == ran["unet"]
 
 
 def test_attribute_separation_compares_the_pattern_words_as_the_unet_reads_them(built):

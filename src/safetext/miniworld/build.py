@@ -13,9 +13,11 @@ embedding; 14.3 MB in float16), an `AutoencoderKL` of widths (32, 64, 64) (0.95 
 `UNet2DConditionModel` of widths (64, 96, 128) (5.6 M; 11.2 MB): 28.9 MB with the tokenizer's files. The
 autoencoder trains on 32x32 crops under bfloat16 autocast, which keeps what a whole-picture float32 autoencoder
 keeps at about an eighth of the cost of a step on two CPU cores; the mini-CLIP and the UNet train under bfloat16
-autocast too. There the shipped (sixth) build took 1.52 hours from scratch, against the hour it is meant to fit
-(mini-CLIP 14 minutes, autoencoder 34, UNet 44; `benchmarks/miniworld_build_time.py` projects each stage from timed
-steps); on a GPU the first two stages take minutes. The shipped build's figures and the gates it misses:
+autocast too. On two AMD EPYC cores with AVX512-BF16 the shipped (sixth) build took 1.52 hours from scratch,
+against the hour it is meant to fit (mini-CLIP 14 minutes, autoencoder 34, UNet 44;
+`benchmarks/miniworld_build_time.py` projects each stage from timed steps); on a GPU the first two stages take
+minutes. A CPU without native bfloat16 (AVX2 only, say) emulates it many times slower than float32, so there the
+build trains those stages in float32 (`BuildConfig.float32_without_native_bf16`) and its weights differ. The shipped build's figures and the gates it misses:
 docs/miniworld.md.
 
 Finished stages are kept in `OUT/stages/` until the build ends, so a build that is stopped resumes after its last
@@ -37,6 +39,7 @@ from safetext.checkpointing import write_json_atomic
 from safetext.errors import SafeTextError
 from safetext.miniworld.autoencoder_training import AutoencoderConfig, train_autoencoder
 from safetext.miniworld.clip_training import MiniClipConfig, train_mini_clip
+from safetext.miniworld.precision import bf16_is_native
 from safetext.miniworld.unet_training import UNetConfig, train_unet
 from safetext.provenance import device_description, git_commit, package_versions, peak_memory_bytes
 
@@ -61,6 +64,10 @@ class BuildConfig:
             record says whether it did, and a warning is logged when it did not.
         half_precision: store the weights in float16, halving the folder; loaders still compute in float32.
         device: where to train (`"cpu"`, `"cuda"`, ...); the recipe runs on a CPU, a GPU only makes it faster.
+        float32_without_native_bf16: on a device without native bfloat16 (a CPU without AVX512-BF16, AMX or Arm's
+            BF16, where PyTorch emulates it many times slower than float32), train the stages set to bf16 in
+            float32 instead and say so in the record (`precision_fallback`); their weights then differ from a bf16
+            build's. False keeps bf16 wherever it runs.
     """
 
     # the configs' own defaults train in float32 (and the autoencoder on whole pictures), as the builds before the
@@ -75,6 +82,7 @@ class BuildConfig:
     time_budget_s: float = 3600.0
     half_precision: bool = True
     device: str = "cpu"
+    float32_without_native_bf16: bool = True
 
     def __post_init__(self):
         if self.time_budget_s <= 0:
@@ -129,6 +137,26 @@ class BuildConfig:
             time_budget_s=600.0,
             device=device,
         )
+
+
+def resolve_precision(config: BuildConfig) -> tuple[BuildConfig, list[str]]:
+    """The config a build runs on this machine: the stages set to bf16 moved to float32 where bfloat16 is not
+    native to the device and `config.float32_without_native_bf16` allows it.
+
+    Returns:
+        The config to run and the names of the stages moved to float32 (empty when nothing changes).
+    """
+    stages = [name for name in ("clip", "autoencoder", "unet") if getattr(config, name).mixed_precision == "bf16"]
+    if not stages or not config.float32_without_native_bf16 or bf16_is_native(config.device):
+        return config, []
+    logger.warning(
+        "%s has no native bfloat16, under which PyTorch's bf16 runs many times slower than float32: the %s stages "
+        "train in float32 instead (their weights differ from a bf16 build's)",
+        config.device,
+        ", ".join(stages),
+    )
+    moved = {name: replace(getattr(config, name), mixed_precision="no") for name in stages}
+    return replace(config, **moved), stages
 
 
 def convert_to_half_precision(pipeline_dir: str | Path) -> list[str]:
@@ -218,6 +246,7 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
     if keep_stages and kept_stages_dir.exists():
         raise ValueError(f"keep_stages would move the stages to {kept_stages_dir}, which already exists")
     start = time.time()
+    config, float32_stages = resolve_precision(config)
     clip_config = replace(config.clip, seed=config.seed)
     autoencoder_config = replace(config.autoencoder, seed=config.seed + 1)
     unet_config = replace(config.unet, seed=config.seed + 2)
@@ -282,6 +311,8 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
         "wall_time_s": wall_time_s,
         "within_time_budget": wall_time_s <= config.time_budget_s,
         "resumed_stages": resumed,
+        # the stages trained in float32 because the device has no native bfloat16 (`config` holds what ran)
+        "precision_fallback": float32_stages,
         "provenance": {
             "versions": package_versions(),
             "git_commit": git_commit(),
