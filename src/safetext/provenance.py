@@ -44,7 +44,15 @@ def git_commit() -> str | None:
 
 
 def device_description(device: torch.device) -> dict:
-    info = {"type": device.type, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    """What a result was computed on: the device, the platform, the CPU threads, and the widest vector instructions
+    PyTorch uses on this CPU (`"AVX2"`, `"AVX512"`, ...), since the same float32 code rounds differently across them
+    and bfloat16 is fast only on some."""
+    info = {
+        "type": device.type,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
         info["count"] = torch.cuda.device_count()

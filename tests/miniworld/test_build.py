@@ -332,6 +332,8 @@ def test_built_weights_are_half_precision_and_the_record_describes_every_stage(b
     ran = {name: record["stages"][name]["config"]["mixed_precision"] for name in ("clip", "autoencoder", "unet")}
     assert ran == {name: "no" if name in fallback else "bf16" for name in ran}
     assert record["config"]["unet"]["mixed_precision"] == ran["unet"]
+    # the CPU's vector instructions are recorded, since float32 rounds differently across them
+    assert record["provenance"]["device"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_attribute_separation_compares_the_pattern_words_as_the_unet_reads_them(built):
