@@ -157,6 +157,7 @@ def main() -> None:
         "device": args.device,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "steps_timed": args.steps,
         "changes_from_recipe": changes,
         "precision_fallback": float32_stages,
