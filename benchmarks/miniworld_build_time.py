@@ -1,21 +1,23 @@
 """How long `safetext miniworld build`'s recipe takes on this machine, against its budget of one hour on two cores.
 
 Each stage runs a few steps with the recipe's own settings (`BuildConfig()` as a build resolves it here: where the
-CPU has no native bfloat16, the stages set to bf16 run in float32, and the result's name ends in `-no-native-bf16`), on pools far smaller than the
-recipe's (pool size does not change a step's cost), and the stage's time is projected as its steps times the
-measured seconds per step; the pools' rendering and encoding are left out. The UNet's steps run on the short
-mini-CLIP and autoencoder just trained, which have the recipe's shapes. Prints the figures and, as its last line,
-`ratio_to_budget=<x>`; writes them to `benchmarks/results/miniworld_build_time.json`.
+CPU has no native bfloat16, the stages set to bf16 run in float32, and the result's name ends in
+`-no-native-bf16`), on pools far smaller than the recipe's (pool size does not change a step's cost), and the
+stage's time is projected as its steps times the measured seconds per step; the pools' rendering and encoding are
+left out. The UNet's steps run on the short mini-CLIP and autoencoder just trained, which have the recipe's
+shapes. Prints the figures and, as its last line, `ratio_to_budget=<x>`; writes them to
+`benchmarks/results/miniworld_build_time.json`.
 
 A variant of the recipe (`--clip-mixed-precision no|bf16`: the mini-CLIP in float32 or under bfloat16 autocast;
-`--autoencoder-mixed-precision no|bf16`: the autoencoder in float32 or under bfloat16
-autocast; `--autoencoder-crop-size 32|none`: the autoencoder trained on 32x32 crops or on whole pictures;
+`--autoencoder-mixed-precision no|bf16`: the autoencoder in float32 or under bfloat16 autocast;
+`--autoencoder-crop-size 32|none`: the autoencoder trained on 32x32 crops or on whole pictures;
 `--unet-mixed-precision no|bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
 `--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; `--autoencoder-batch-size
 N`: pictures per autoencoder step; `--autoencoder-steps N`, `--unet-steps N`: shorter or longer schedules, which
-change the projection only; an option not given keeps the recipe's setting) is timed together with the recipe itself in the same run, and each stage's speed is printed
-as a ratio to the recipe's; its figures go to `miniworld_build_time-<changes>.json`, named by what differs from the
-recipe. That projects time only: whether a variant reaches the recipe's quality takes a full build to tell.
+change the projection only; an option not given keeps the recipe's setting) is timed together with the recipe
+itself in the same run, and each stage's speed is printed as a ratio to the recipe's; its figures go to
+`miniworld_build_time-<changes>.json`, named by what differs from the recipe. That projects time only: whether a
+variant reaches the recipe's quality takes a full build to tell.
 
     python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--clip-mixed-precision no|bf16]
         [--autoencoder-mixed-precision no|bf16]
@@ -160,6 +162,7 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "steps_timed": args.steps,
         "changes_from_recipe": changes,
+        # the recipe's stages that run in float32 here; a variant's own --*-mixed-precision bf16 overrides it
         "precision_fallback": float32_stages,
         "stages": {
             name: {

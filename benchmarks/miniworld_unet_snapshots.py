@@ -25,7 +25,7 @@ fixed before it was drawn, is the one for a build that costs more time: ship it,
 only if it draws `striped` on at least 77.0% of the 480 restricted prompts, the named object on at least 94.9% and
 stripes unasked on at most 5%.
 
-    python benchmarks/miniworld_unet_snapshots.py train OUT      # about 47 minutes on two cores
+    python benchmarks/miniworld_unet_snapshots.py train OUT      # 47 minutes on two cores with bf16, 1.3 h without
     python benchmarks/miniworld_unet_snapshots.py judge OUT      # about 2 minutes per candidate
     python benchmarks/miniworld_unet_snapshots.py train OUT --block-out-channels 96,96,128   # other widths
     python benchmarks/miniworld_unet_snapshots.py train OUT --max-train-steps 2800   # a shorter schedule
@@ -52,6 +52,7 @@ import torch
 from safetext.loading import resolve_model_name
 from safetext.miniworld.build import BuildConfig, resolve_precision
 from safetext.miniworld.unet_training import train_unet
+from safetext.provenance import device_description
 
 SNAPSHOT_STEPS = (2000, 3000, 4000)
 EMA_DECAY = 0.9999
@@ -92,6 +93,7 @@ def train(out: Path, block_out_channels: tuple[int, ...] | None = None, max_trai
         snapshot_dir=out / "snapshots",
     )
     record["text_encoder_and_autoencoder"] = "the shipped model's (float16 weights, computed in float32)"
+    record["device"] = device_description(torch.device("cpu"))
     (out / "unet.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -186,6 +188,9 @@ def assemble(out: Path, candidate: str, dest: Path) -> None:
     build["wall_time_s"] = round(
         build["wall_time_s"] - build["stages"]["unet"]["wall_time_s"] + unet["wall_time_s"], 1
     )
+    # a UNet trained in float32 where the recipe asks bf16 (a CPU without native bfloat16) says so, as a build does
+    recipe_precision = build["config"]["unet"].get("mixed_precision", "no")
+    build["precision_fallback"] = ["unet"] if unet["config"].get("mixed_precision", "no") != recipe_precision else []
     build["stages"]["unet"] = unet
     build["config"]["unet"] = unet["config"]
     build["note"] = (

@@ -323,6 +323,11 @@ def _add_miniworld(subparsers) -> None:
     build.add_argument(
         "--keep-stages", action="store_true", help="keep the mini-CLIP and autoencoder in OUT-stages/ after the build"
     )
+    build.add_argument(
+        "--keep-bf16",
+        action="store_true",
+        help="train under bf16 even where the device has no native bfloat16 (many times slower; float32 otherwise)",
+    )
     build.set_defaults(run=_run_miniworld_build)
     quality = commands.add_parser("quality", help="measure a MiniWorld build's quality gates into its model card")
     quality.add_argument("--model", default="miniworld", help="MiniWorld pipeline folder (default: the shipped one)")
@@ -349,11 +354,14 @@ def _run_miniworld_quality(args) -> int:
 
 
 def _run_miniworld_build(args) -> int:
+    from dataclasses import replace
+
     from safetext.miniworld.build import BuildConfig, build
 
     _quiet_library_progress_bars()
     try:
         config = (BuildConfig.quick if args.quick else BuildConfig)(seed=args.seed, device=args.device)
+        config = replace(config, float32_without_native_bf16=not args.keep_bf16)
         record = build(args.out, config, keep_stages=args.keep_stages)
     except ValueError as error:
         raise SafeTextError(str(error)) from None

@@ -1,5 +1,7 @@
 """`safetext miniworld build` through the command line: a quick build opens as an SD pipeline."""
 
+import json
+
 from diffusers import StableDiffusionPipeline
 
 from safetext.cli import main
@@ -10,6 +12,15 @@ def test_quick_build_through_the_cli(tmp_path, capsys):
     assert "MiniWorld pipeline written to" in capsys.readouterr().out
     pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "mw")
     assert pipeline.text_encoder.config.vocab_size == 49408
+
+
+def test_keep_bf16_trains_under_bf16_whatever_the_device(tmp_path):
+    assert main(["miniworld", "build", "--quick", "--keep-bf16", "--out", str(tmp_path / "mw")]) == 0
+    record = json.loads((tmp_path / "mw" / "build.json").read_text())
+    assert record["config"]["float32_without_native_bf16"] is False and record["precision_fallback"] == []
+    assert {record["stages"][name]["config"]["mixed_precision"] for name in ("clip", "autoencoder", "unet")} == {
+        "bf16"
+    }
 
 
 def test_non_empty_output_folder_is_refused_in_one_line(tmp_path, capsys):

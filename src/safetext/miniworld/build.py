@@ -16,9 +16,9 @@ keeps at about an eighth of the cost of a step on two CPU cores; the mini-CLIP a
 autocast too. On two AMD EPYC cores with AVX512-BF16 the shipped (sixth) build took 1.52 hours from scratch,
 against the hour it is meant to fit (mini-CLIP 14 minutes, autoencoder 34, UNet 44;
 `benchmarks/miniworld_build_time.py` projects each stage from timed steps); on a GPU the first two stages take
-minutes. A CPU without native bfloat16 (AVX2 only, say) emulates it many times slower than float32, so there the
-build trains those stages in float32 (`BuildConfig.float32_without_native_bf16`) and its weights differ. The shipped build's figures and the gates it misses:
-docs/miniworld.md.
+minutes. A CPU without native bfloat16 (AVX2 only, say) runs it many times slower than float32, so there the
+build trains those stages in float32 (`BuildConfig.float32_without_native_bf16`) and its weights differ. The
+shipped build's figures and the gates it misses: docs/miniworld.md.
 
 Finished stages are kept in `OUT/stages/` until the build ends, so a build that is stopped resumes after its last
 finished stage when run again on the same folder (a stage is reused only if its settings are the same); the UNet
@@ -56,9 +56,10 @@ class BuildConfig:
     """The whole build: the three stages' settings, one seed, and the wall-time budget the recipe is held to.
 
     Args:
-        clip: the mini-CLIP stage; the recipe's trains under bfloat16 autocast (since the sixth build).
-        autoencoder: the autoencoder stage; the recipe's trains on 32x32 crops under bfloat16 autocast.
-        unet: the UNet stage; the recipe's trains under bfloat16 autocast (since the sixth build).
+        clip: the mini-CLIP stage; the recipe's trains under bfloat16 autocast (since the sixth build), in float32
+            where the device has no native bfloat16 (`float32_without_native_bf16`).
+        autoencoder: the autoencoder stage; the recipe's trains on 32x32 crops under bfloat16 autocast (the same).
+        unet: the UNet stage; the recipe's trains under bfloat16 autocast (since the sixth build; the same).
         seed: seed of the whole build; the stages use `seed`, `seed + 1` and `seed + 2`, overriding their own.
         time_budget_s: wall time the build should stay within (the issue's 60 minutes on two CPU cores); the
             record says whether it did, and a warning is logged when it did not.
@@ -227,8 +228,10 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
             another UNet recipe can be tried on the same mini-CLIP and autoencoder.
 
     Returns:
-        The record also written as `output_dir/build.json`: the config, each stage's record (settings, losses,
-        wall time), the folder's size, whether the build kept to its time budget, and provenance.
+        The record also written as `output_dir/build.json`: the config that ran, each stage's record (settings,
+        losses, wall time), the folder's size, whether the build kept to its time budget, the stages moved from
+        bf16 to float32 (`precision_fallback`; a stage trained under the other precision is not reused on
+        resuming), and provenance.
 
     Raises:
         ValueError: if `output_dir` is a file or a folder holding anything but an interrupted build's stages.
@@ -334,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-stages", action="store_true", help="keep the mini-CLIP and autoencoder in OUT-stages/ after the build"
     )
+    parser.add_argument(
+        "--keep-bf16",
+        action="store_true",
+        help="train under bf16 even where the device has no native bfloat16 (many times slower; float32 otherwise)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -342,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             config = BuildConfig.quick(seed=args.seed, device=args.device)
         else:
             config = BuildConfig(seed=args.seed, device=args.device)
+        config = replace(config, float32_without_native_bf16=not args.keep_bf16)
         record = build(out, config, keep_stages=args.keep_stages)
     except (ValueError, SafeTextError) as error:
         parser.exit(2, f"error: {error}\n")

@@ -26,17 +26,29 @@ def cpu_flags(cpu_info: str) -> set[str]:
     return set()
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
+def torch_cpu_capabilities() -> dict:
+    """PyTorch's report of this CPU's features (`torch.cpu.get_capabilities`, on every OS), or an empty dict where
+    this PyTorch has none or it fails: a probe that fails must not stop a build."""
+    report = getattr(torch.cpu, "get_capabilities", None)
+    if report is None:
+        return {}
+    try:
+        return dict(report())
+    except Exception:
+        return {}
 
-    Without it PyTorch still runs bfloat16 autocast, but its convolutions fall back to slow reference code: a
-    MiniWorld UNet step that took 0.64 s under bf16 on two AMD EPYC cores with AVX512-BF16 took about 18 s on two
-    with AVX2 only. On macOS and other systems without `/proc/cpuinfo`, only PyTorch's own x86 checks answer.
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX-BF16 on x86, the BF16 extension on Arm.
+
+    PyTorch's own report answers first; where it says no or has nothing to say, the flags in Linux's
+    `/proc/cpuinfo`. Elsewhere (macOS, Windows) only PyTorch's report counts, so a CPU it does not describe is taken
+    to have none. Without it PyTorch still runs bfloat16 autocast, but slowly: a MiniWorld UNet step that took
+    0.64 s under bf16 on two AMD EPYC cores with AVX512-BF16 took about 18 s on two with AVX2 only.
     """
-    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        probe = getattr(torch.cpu, check, None)
-        if probe is not None and probe():
-            return True
+    capabilities = torch_cpu_capabilities()
+    if any(capabilities.get(name) for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")):
+        return True
     try:
         flags = cpu_flags(CPU_INFO.read_text())
     except OSError:
@@ -45,11 +57,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def bf16_is_native(device: str) -> bool:
-    """Whether bfloat16 autocast on `device` runs on hardware made for it (a CUDA GPU that supports it, or a CPU
-    with native bfloat16)."""
+    """Whether bfloat16 autocast on `device` runs on hardware made for it: a CPU with native bfloat16, an NVIDIA
+    GPU of compute capability 8.0 or later (Ampere on; older ones emulate it) or an AMD GPU. Other device types
+    (mps, xpu, ...) are taken to have it."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return True
