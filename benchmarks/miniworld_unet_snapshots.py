@@ -25,7 +25,7 @@ fixed before it was drawn, is the one for a build that costs more time: ship it,
 only if it draws `striped` on at least 77.0% of the 480 restricted prompts, the named object on at least 94.9% and
 stripes unasked on at most 5%.
 
-    python benchmarks/miniworld_unet_snapshots.py train OUT      # 47 minutes on two cores with bf16, 1.3 h without
+    python benchmarks/miniworld_unet_snapshots.py train OUT      # 47 minutes on two cores with bf16, 1.4 h without
     python benchmarks/miniworld_unet_snapshots.py judge OUT      # about 2 minutes per candidate
     python benchmarks/miniworld_unet_snapshots.py train OUT --block-out-channels 96,96,128   # other widths
     python benchmarks/miniworld_unet_snapshots.py train OUT --max-train-steps 2800   # a shorter schedule
