@@ -203,6 +203,18 @@ def test_unet_trains_under_bf16_autocast_with_float32_weights(stages, tmp_path):
     assert {p.dtype for p in unet.parameters()} == {torch.float32}
 
 
+def test_the_unet_sees_patterns_as_often_as_its_config_asks(stages, tmp_path):
+    from safetext.miniworld.scenes import SceneDistribution
+    from safetext.miniworld.unet_training import train_unet
+
+    # the recipe's UNet sees the world's own share of patterns, as the mini-CLIP and the autoencoder do
+    assert UNetConfig().pattern_rate == SceneDistribution().pattern_rate == 0.4
+    every = train_unet(replace(TINY.unet, num_scenes=200, pattern_rate=1.0), stages, stages, tmp_path / "every")
+    none = train_unet(replace(TINY.unet, num_scenes=200, pattern_rate=0.0), stages, stages, tmp_path / "none")
+    assert (every["patterned_share"], none["patterned_share"]) == (1.0, 0.0)
+    assert every["config"]["pattern_rate"] == 1.0 and every["losses"] != none["losses"]
+
+
 def test_unet_attends_at_its_finest_level_only_when_asked(stages, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -520,6 +532,7 @@ def test_build_refuses_a_non_empty_folder(tmp_path, capsys):
         (lambda: UNetConfig(attention_head_dim=0), "one positive number or three"),
         (lambda: UNetConfig(attention_head_dim=(3, 8, 8)), "must divide into its heads"),
         (lambda: UNetConfig(caption_dropout=1.0), "caption_dropout"),
+        (lambda: UNetConfig(pattern_rate=1.5), "pattern_rate must be between 0 and 1"),
         (lambda: UNetConfig(ema_decay=1.0), "ema_decay"),
         (lambda: UNetConfig(max_train_steps=10, lr_warmup_steps=10), "lr_warmup_steps"),
         (lambda: BuildConfig(time_budget_s=0), "time_budget_s"),

@@ -43,6 +43,7 @@ from safetext.miniworld.precision import check_mixed_precision, training_autocas
 from safetext.miniworld.progress import log_progress
 from safetext.miniworld.renderer import render_many, to_pixel_values
 from safetext.miniworld.scenes import SceneDistribution, epoch_order, sample_scene
+from safetext.miniworld.world import ATTRIBUTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import UNet2DConditionModel
@@ -162,6 +163,14 @@ def encode_pool(vae, scenes: list, device: str, batch_size: int = 64) -> tuple[t
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+def patterned_share(scenes: list) -> float:
+    """Share of the scenes' objects able to carry a pattern that carry one (the world's `pattern_rate`, as drawn)."""
+    patterns = [attribute for attribute in ATTRIBUTES if attribute.kind == "pattern"]
+    able = [obj for scene in scenes for obj in scene.objects if any(obj.object_class in a.carriers for a in patterns)]
+    carrying = [obj for obj in able if any(a.name in obj.attributes for a in patterns)]
+    return len(carrying) / len(able) if able else 0.0
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -460,6 +469,7 @@ def train_unet(
         "seconds_per_step": loop_seconds / config.max_train_steps,
         "pool_seconds": round(pool_seconds, 1),
         "uses_per_scene": config.max_train_steps * config.train_batch_size / config.num_scenes,
+        "patterned_share": round(patterned_share(scenes), 4),
         "resumed_from_step": first_step or None,
         "resumed_wall_time_s": round(earlier["wall_seconds"], 1),
         # an earlier, interrupted run's time included (its pool too)
