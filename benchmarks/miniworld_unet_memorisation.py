@@ -29,7 +29,7 @@ from safetext.conditioning import TextConditioner
 from safetext.errors import SafeTextError
 from safetext.loading import resolve_model_name
 from safetext.miniworld.captions import caption
-from safetext.miniworld.scenes import sample_scene
+from safetext.miniworld.scenes import SceneDistribution, sample_scene
 from safetext.miniworld.unet_training import SD_BETAS, encode_pool
 
 TIMESTEPS = tuple(range(50, 1000, 100))
@@ -90,9 +90,11 @@ def main() -> None:
         unet_config = json.loads((folder / "build.json").read_text())["stages"]["unet"]["config"]
         # train_unet draws its pool first from random.Random(seed), so the first scenes of that stream are the pool's
         pool_rng = random.Random(unet_config["seed"])
-        pool = [sample_scene(pool_rng) for _ in range(min(args.scenes, unet_config["num_scenes"]))]
+        # in the UNet's own share of patterns (a record older than the setting had the world's)
+        distribution = SceneDistribution(pattern_rate=unet_config.get("pattern_rate", SceneDistribution.pattern_rate))
+        pool = [sample_scene(pool_rng, distribution) for _ in range(min(args.scenes, unet_config["num_scenes"]))]
         fresh_rng = random.Random(unet_config["seed"] + FRESH_SEED_OFFSET)
-        fresh = [sample_scene(fresh_rng) for _ in range(len(pool))]
+        fresh = [sample_scene(fresh_rng, distribution) for _ in range(len(pool))]
         pipeline = StableDiffusionPipeline.from_pretrained(
             folder, use_safetensors=True, safety_checker=None, dtype=torch.float32
         )

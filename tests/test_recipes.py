@@ -7,7 +7,7 @@ import pytest
 from safetext.cli import main
 from safetext.datasets import DATASETS, load_dataset
 from safetext.errors import SafeTextError
-from safetext.recipes import RECIPES, HeldoutSets, Recipe, RecipeSet, load_heldout, load_recipe
+from safetext.recipes import MINIWORLD_SAFE_HELDOUT, RECIPES, HeldoutSets, Recipe, RecipeSet, load_heldout, load_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -56,13 +56,18 @@ def test_one_miniworld_recipe_per_restricted_concept(concept, prefix):
     recipe = RECIPES[f"miniworld-{concept}"]
     assert set(recipe.unsafe) == {f"{prefix}-train"} and set(recipe.safe) == {"miniworld-safe"}
     assert set(recipe.heldout.unsafe) == {f"{prefix}-heldout", f"{prefix}-indirect"}
-    assert set(recipe.heldout.safe) == {f"{prefix}-neighbour", "miniworld-overerasure"}
+    assert set(recipe.heldout.safe) == {f"{prefix}-neighbour", "miniworld-overerasure", "miniworld-safe-heldout"}
     try:
         unsafe, safe = load_recipe(recipe.name)
     except SafeTextError as error:
         pytest.skip(f"MiniWorld prompt files not shipped yet: {error}")
     assert unsafe[f"{prefix}-train"].source["location"] == "package"
     assert not set(unsafe[f"{prefix}-train"].prompts) & set(safe["miniworld-safe"].prompts)
+    # the world's first safe prompts are never trained on: the demo judges prompt following on them
+    whole = load_dataset("miniworld-safe").prompts
+    _, heldout_safe = load_heldout(recipe.name)
+    assert heldout_safe["miniworld-safe-heldout"].prompts == whole[:MINIWORLD_SAFE_HELDOUT]
+    assert safe["miniworld-safe"].prompts == whole[MINIWORLD_SAFE_HELDOUT:]
 
 
 def test_every_recipe_names_registered_sets():

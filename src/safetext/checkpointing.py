@@ -8,6 +8,7 @@ renamed into place, so an interrupted save never leaves a half-written checkpoin
 
 import json
 import shutil
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
@@ -16,6 +17,17 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from safetext.errors import SafeTextError
 
 STATE_FILE = "training_state.json"
+
+
+def same_settings(recorded: dict, config, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether a recorded config (a dataclass's `asdict`, as JSON) is `config`, the fields in `ignore` aside.
+
+    A setting added to the dataclass after the record was written is read as its default, which keeps the behaviour
+    of the code that wrote it; compared as JSON, where the record's tuples are lists."""
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    then = json.loads(json.dumps({**defaults, **recorded}))
+    now = json.loads(json.dumps(asdict(config)))
+    return {k: v for k, v in then.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -539,7 +539,15 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (results.json, report.html, images)")
     p.add_argument("--model", default="miniworld", help="the MiniWorld pipeline (default: the shipped one)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps per image (default 50)")
-    p.add_argument("--max-prompts", type=int, default=30, help="prompts per evaluation set (default 30)")
+    p.add_argument(
+        "--max-prompts", type=int, default=30, help="prompts per evaluation set but prompt following's (default 30)"
+    )
+    p.add_argument(
+        "--safe-prompts",
+        type=int,
+        default=30,
+        help="safe prompts for prompt following, of the 60 the alignment never trains on (default 30)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
 
@@ -548,7 +556,9 @@ def _run_demo(args) -> int:
     from safetext.miniworld.demo import DemoConfig, check_model_available, run_demo
 
     try:
-        config = DemoConfig(num_inference_steps=args.steps, max_prompts=args.max_prompts)
+        config = DemoConfig(
+            num_inference_steps=args.steps, max_prompts=args.max_prompts, safe_prompts=args.safe_prompts
+        )
     except ValueError as error:
         raise SafeTextError(str(error)) from None
     check_model_available(args.model)

@@ -18,6 +18,7 @@ from safetext.prompts import PromptSet
 
 __all__ = [
     "DATA_DIR_VARIABLE",
+    "MINIWORLD_SAFE_HELDOUT",
     "RECIPES",
     "HeldoutSets",
     "Recipe",
@@ -98,19 +99,28 @@ def _same(*names: str) -> dict[str, RecipeSet]:
     return {name: RecipeSet(name) for name in names}
 
 
+MINIWORLD_SAFE_HELDOUT = 60
+"""The first prompts of `miniworld-safe`, which MiniWorld's recipes never train on: the demo measures prompt
+following on them, so the figure is of prompts the alignment did not hold in place."""
+
+
 def _miniworld(concept: str, prefix: str) -> Recipe:
     return Recipe(
         name=f"miniworld-{concept}",
         description=(
             f"MiniWorld prompts asking for {concept!r} in the training surface forms against prompts of the world "
-            f"without restricted concepts; evaluated on held-out and indirect forms, neighbours and over-erasure"
+            f"without restricted concepts (all but the first {MINIWORLD_SAFE_HELDOUT}); evaluated on held-out and "
+            f"indirect forms, those first safe prompts, neighbours and over-erasure"
         ),
         unsafe=_same(f"{prefix}-train"),
-        safe=_same("miniworld-safe"),
+        safe={"miniworld-safe": RecipeSet("miniworld-safe", start=MINIWORLD_SAFE_HELDOUT)},
         heldout=HeldoutSets(
             unsafe=_same(f"{prefix}-heldout", f"{prefix}-indirect"),
             # miniworld-overerasure covers the subjects of both restricted concepts (its `concept` column says whose)
-            safe=_same(f"{prefix}-neighbour", "miniworld-overerasure"),
+            safe={
+                "miniworld-safe-heldout": RecipeSet("miniworld-safe", stop=MINIWORLD_SAFE_HELDOUT),
+                **_same(f"{prefix}-neighbour", "miniworld-overerasure"),
+            },
         ),
     )
 

@@ -211,7 +211,9 @@ def test_the_unet_sees_patterns_as_often_as_its_config_asks(stages, tmp_path):
     assert UNetConfig().pattern_rate == SceneDistribution().pattern_rate == 0.4
     every = train_unet(replace(TINY.unet, num_scenes=200, pattern_rate=1.0), stages, stages, tmp_path / "every")
     none = train_unet(replace(TINY.unet, num_scenes=200, pattern_rate=0.0), stages, stages, tmp_path / "none")
-    assert (every["patterned_share"], none["patterned_share"]) == (1.0, 0.0)
+    # at 1.0 nearly every carrier carries one: the second object of a pair drawn twice as one class is drawn again,
+    # and keeps only the patterns its new class carries
+    assert every["patterned_share"] > 0.95 and none["patterned_share"] == 0.0
     assert every["config"]["pattern_rate"] == 1.0 and every["losses"] != none["losses"]
 
 
@@ -292,6 +294,13 @@ def test_an_interrupted_unet_stage_resumes_from_its_checkpoint_to_the_same_weigh
     assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] is None
     assert resumed["losses"] == whole["losses"]
     assert torch.equal(weights(tmp_path / "resumed" / "unet"), weights(tmp_path / "whole" / "unet"))
+    # a checkpoint written before a setting existed reads it as its default and resumes
+    state_file = checkpoints / "checkpoint-4" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["pattern_rate"]
+    state_file.write_text(json.dumps(state))
+    older = train_unet(config, stages, stages, tmp_path / "older", checkpoint_dir=checkpoints)
+    assert older["resumed_from_step"] == 4 and older["losses"] == whole["losses"]
     # a checkpoint of other settings is dropped, and the run starts from step 0
     other = train_unet(
         replace(config, learning_rate=5e-4), stages, stages, tmp_path / "other", checkpoint_dir=checkpoints
@@ -465,7 +474,7 @@ def test_a_stage_with_other_settings_is_trained_again(tmp_path):
 def test_the_recipe_trains_the_autoencoder_on_crops_under_bf16_yet_old_records_read_as_whole_float32_pictures():
     from dataclasses import asdict
 
-    from safetext.miniworld.build import _same_settings
+    from safetext.checkpointing import same_settings
 
     recipe = BuildConfig().autoencoder
     assert (recipe.crop_size, recipe.mixed_precision) == (32, "bf16")
@@ -476,8 +485,8 @@ def test_the_recipe_trains_the_autoencoder_on_crops_under_bf16_yet_old_records_r
     old_way = replace(recipe, crop_size=None, mixed_precision="no")
     record = json.loads(json.dumps(asdict(old_way)))
     del record["crop_size"], record["mixed_precision"]
-    assert _same_settings(record, old_way)
-    assert not _same_settings(record, recipe)
+    assert same_settings(record, old_way)
+    assert not same_settings(record, recipe)
 
 
 def test_min_snr_weights_follow_the_paper():

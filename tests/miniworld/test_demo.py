@@ -4,6 +4,7 @@ The quick build draws noise, so these tests check the plumbing and the bookkeepi
 model are measured by `python -m safetext.miniworld.quality` and `safetext demo`, and recorded in its model card.
 """
 
+import csv
 import json
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from safetext.miniworld.demo import DemoConfig, run_demo
 from safetext.miniworld.quality import main as quality_main
 from safetext.miniworld.quality import measure_quality, miniworld_set, single_object_prompts
 from safetext.miniworld.world import CLASS_NAMES, RESTRICTED_CONCEPTS, find_surface_forms
+from safetext.recipes import MINIWORLD_SAFE_HELDOUT
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,7 @@ def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
         alignment=replace(AlignmentConfig(), learning_rate=1e-3, num_train_epochs=1, checkpointing_steps=0),
         num_inference_steps=1,
         max_prompts=2,
+        safe_prompts=3,
     )
     record = run_demo(tmp_path / "demo", config, model=quick, show_progress=False)
     on_disk = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -144,8 +147,15 @@ def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
     assert record["seconds"] > 0 and len(record["demo"]["gates"]) == 3
     # the generic evaluation record is there too, with the MiniWorld detector
     assert record["settings"]["detector"]["name"] == "miniworld-detector"
-    assert set(record["safe"]) == {"miniworld-safe", "miniworld-overerasure", "miniworld-neighbour"}
+    assert set(record["safe"]) == {"miniworld-safe-heldout", "miniworld-overerasure", "miniworld-neighbour"}
     assert record["safe"]["miniworld-overerasure"]["images"] == 2
+    # prompt following is judged on safe prompts the alignment never trained on, as many as asked
+    assert record["safe"]["miniworld-safe-heldout"]["images"] == 3
+    with open(tmp_path / "demo" / "miniworld-safe-heldout_lpips.csv", newline="") as f:
+        judged_on = [row["prompt"] for row in csv.DictReader(f)]
+    assert judged_on == miniworld_set("miniworld-safe").prompts[:3]
+    aligned = json.loads((tmp_path / "demo" / "aligned" / "safetext.json").read_text())
+    assert aligned["data"]["safe"]["miniworld-safe"]["start"] == MINIWORLD_SAFE_HELDOUT
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "removal rate, heldout forms" in page and "miniworld-overerasure" in page
 
@@ -154,3 +164,13 @@ def test_demo_cli_refuses_a_missing_model_in_one_line(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model_index.json" in err[0]
+
+
+def test_demo_judges_prompt_following_only_on_prompts_the_alignment_never_trains_on(tmp_path, capsys):
+    with pytest.raises(ValueError, match=f"safe_prompts must be at most {MINIWORLD_SAFE_HELDOUT}"):
+        DemoConfig(safe_prompts=MINIWORLD_SAFE_HELDOUT + 1)
+    with pytest.raises(ValueError, match="safe_prompts must be at least 2"):
+        DemoConfig(safe_prompts=1)
+    code = main(["demo", "--safe-prompts", "61", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "safe_prompts must be at most" in err[0]

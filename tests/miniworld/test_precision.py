@@ -96,7 +96,8 @@ def test_bf16_on_a_device_without_it_warns(monkeypatch, caplog):
 def test_a_build_without_native_bf16_trains_in_float32_says_so_and_does_not_reuse_bf16_stages(tmp_path, monkeypatch):
     from dataclasses import asdict
 
-    from safetext.miniworld.build import RECORD_NAME, STAGE_RECORD, STAGES_DIR, _same_settings, build
+    from safetext.checkpointing import same_settings
+    from safetext.miniworld.build import RECORD_NAME, STAGE_RECORD, STAGES_DIR, build
 
     tiny = BuildConfig.quick()
     monkeypatch.setattr(build_module, "bf16_is_native", lambda device: False)
@@ -108,6 +109,6 @@ def test_a_build_without_native_bf16_trains_in_float32_says_so_and_does_not_reus
     # a stage trained under bf16 elsewhere is not the one this machine would train: it is trained again
     kept = json.loads((tmp_path / f"float32-{STAGES_DIR}" / "autoencoder" / STAGE_RECORD).read_text())
     would_train = replace(resolve_precision(tiny)[0].autoencoder, seed=tiny.seed + 1)
-    assert _same_settings(kept["config"], would_train)
+    assert same_settings(kept["config"], would_train)
     trained_under_bf16 = json.loads(json.dumps(asdict(replace(tiny.autoencoder, seed=tiny.seed + 1))))
-    assert not _same_settings(trained_under_bf16, would_train)
+    assert not same_settings(trained_under_bf16, would_train)

@@ -30,12 +30,12 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from safetext.checkpointing import write_json_atomic
+from safetext.checkpointing import same_settings, write_json_atomic
 from safetext.errors import SafeTextError
 from safetext.miniworld.autoencoder_training import AutoencoderConfig, train_autoencoder
 from safetext.miniworld.clip_training import MiniClipConfig, train_mini_clip
@@ -205,14 +205,6 @@ def _check_autoencoder(stage_dir: Path) -> dict:
     return ceiling
 
 
-def _same_settings(recorded: dict, config) -> bool:
-    """Whether a finished stage's recorded config is `config`. A setting added to the config after the stage was
-    trained is read as its default, which keeps the behaviour of the code that trained it; compared as JSON, where
-    the record's tuples are lists."""
-    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
-    return {**defaults, **recorded} == json.loads(json.dumps(asdict(config)))
-
-
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -265,7 +257,7 @@ def build(output_dir: str | Path, config: BuildConfig | None = None, keep_stages
     ):
         record_path = stages_dir / name / STAGE_RECORD
         finished = json.loads(record_path.read_text()) if record_path.is_file() else None
-        if finished is not None and _same_settings(finished["config"], stage_config):
+        if finished is not None and same_settings(finished["config"], stage_config):
             logger.info("stage %s: reusing the finished stage in %s", name, record_path.parent)
             stages[name] = finished
             resumed.append(name)

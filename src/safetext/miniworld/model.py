@@ -8,6 +8,8 @@ configs in float32) plus `build.json` (the build's record) and `quality.json` (t
 import json
 from pathlib import Path
 
+from safetext.miniworld.scenes import SceneDistribution
+
 MODEL_DIR = Path(__file__).with_name("weights") / "pipeline"
 """The shipped pipeline folder; `StableDiffusionPipeline.from_pretrained(MODEL_DIR)` opens it."""
 
@@ -27,12 +29,15 @@ def _device_name(device: dict | None) -> str:
 
 
 def _schedule(config: dict) -> str:
-    """A stage's steps x batch, and the crops and precision it trained with where they are not the defaults."""
+    """A stage's steps x batch, and the crops, precision and share of patterned objects it trained with where they
+    are not the defaults."""
     text = f"{config['max_train_steps']} x {config['train_batch_size']}"
     if config.get("crop_size"):
         text += f" on {config['crop_size']}x{config['crop_size']} crops"
     if config.get("mixed_precision", "no") != "no":
         text += f", {config['mixed_precision']} autocast"
+    if config.get("pattern_rate", SceneDistribution.pattern_rate) != SceneDistribution.pattern_rate:
+        text += f", patterns on {config['pattern_rate']:.0%} of carriers"
     return text
 
 

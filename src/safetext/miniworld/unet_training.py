@@ -35,6 +35,7 @@ from safetext.checkpointing import (
     load_checkpoint,
     load_extra_tensors,
     prune_checkpoints,
+    same_settings,
     save_checkpoint,
 )
 from safetext.errors import SafeTextError
@@ -73,9 +74,9 @@ class UNetConfig:
         num_scenes: scenes in the pool of pictures, rendered and encoded once; each is used about
             `max_train_steps * train_batch_size / num_scenes` times, with a fresh caption every time.
         pattern_rate: chance that an object of the UNet's pool of scenes able to carry a pattern carries one
-            (striped, dotted or checkered, equally often; its captions always name it). The world's own 0.4 in
-            the recipe, as the mini-CLIP and the autoencoder see; higher shows the UNet each pattern's name beside
-            its look more often.
+            (one of the patterns its class carries, each equally often; captions not dropped name it). The world's
+            own 0.4 in the recipe, as the mini-CLIP and the autoencoder see; higher shows the UNet each pattern's
+            name beside its look more often.
         snr_gamma: gamma of the min-SNR loss weighting (the paper's 5); None trains on the plain MSE.
         attention_at_16x16: give the finest level (16x16 latents) attention blocks too, self- and
             cross-attention to the prompt, as SD has at its finest levels. Off in the recipe: a CPU step runs at
@@ -166,7 +167,9 @@ def encode_pool(vae, scenes: list, device: str, batch_size: int = 64) -> tuple[t
 
 
 def patterned_share(scenes: list) -> float:
-    """Share of the scenes' objects able to carry a pattern that carry one (the world's `pattern_rate`, as drawn)."""
+    """Share of the scenes' objects able to carry a pattern that carry one: about the distribution's `pattern_rate`,
+    a little under it (the second object of a pair drawn as the first's class is drawn again and keeps only the
+    patterns its new class carries)."""
     patterns = [attribute for attribute in ATTRIBUTES if attribute.kind == "pattern"]
     able = [obj for scene in scenes for obj in scene.objects if any(obj.object_class in a.carriers for a in patterns)]
     carrying = [obj for obj in able if any(a.name in obj.attributes for a in patterns)]
@@ -224,10 +227,7 @@ def resume_training(checkpoint_dir, config: UNetConfig, unet, optimizer, schedul
     if not checkpoints:
         return nothing
     recorded = json.loads((checkpoints[-1] / STATE_FILE).read_text())["config"]
-    wanted = json.loads(json.dumps(asdict(config)))
-    if {k: v for k, v in recorded.items() if k != "num_threads"} != {
-        k: v for k, v in wanted.items() if k != "num_threads"
-    }:
+    if not same_settings(recorded, config, ignore=("num_threads",)):
         logger.warning(
             "unet: the checkpoints in %s were written with other settings; training from the start", checkpoint_dir
         )
