@@ -436,7 +436,8 @@ def test_cli_evaluates_a_recipes_heldout_sets(tiny_pipeline_dir, metric_weights,
         "miniworld-heldout": 2,
         "miniworld-indirect": 2,
     }
-    assert set(record["safe"]) == {"miniworld-neighbour", "miniworld-overerasure"}
+    # the safe prompts the recipe never trains on are measured beside its neighbours and over-erasure prompts
+    assert set(record["safe"]) == {"miniworld-neighbour", "miniworld-overerasure", "miniworld-safe-heldout"}
     assert record["settings"]["detector"]["name"] == "miniworld-detector"
 
 

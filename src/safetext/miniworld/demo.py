@@ -100,15 +100,15 @@ def _subset(prompts: PromptSet, n: int | None) -> PromptSet:
     return prompts if n is None else prompts.subset(range(min(n, len(prompts))))
 
 
-def _with_columns(name: str, n: int | None, rows: RecipeSet | None = None, **keep) -> PromptSet:
+def _with_columns(name: str, n: int | None, part: RecipeSet | None = None, **keep) -> PromptSet:
     """A shipped set with all its columns in the records, optionally only a recipe's slice of its rows and the rows
     whose columns match `keep`."""
     from safetext.miniworld.quality import miniworld_set
 
     prompts = miniworld_set(name)
-    if rows is not None:
-        prompts = prompts.subset(range(len(prompts))[rows.start : rows.stop])
-        prompts.source.update(start=rows.start, stop=rows.stop, prompts=len(prompts))
+    if part is not None:
+        prompts = prompts.subset(range(len(prompts))[part.start : part.stop])
+        prompts.source.update(start=part.start, stop=part.stop, prompts=len(prompts))
     if keep:
         rows = [i for i, r in enumerate(prompts.records) if all(r[k] == v for k, v in keep.items())]
         prompts = prompts.subset(rows)
@@ -169,6 +169,12 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
     # reused when the settings match (the generation records say so, and refuse images made otherwise).
     shutil.rmtree(output_dir / "images" / "aligned", ignore_errors=True)
     unsafe_train, safe_train = load_recipe(f"miniworld-{DESIGNATED_CONCEPT}")
+    # prompt following is judged on safe prompts the recipe keeps out of training, where the alignment holds nothing
+    judged = RECIPES[f"miniworld-{DESIGNATED_CONCEPT}"].heldout.safe[SUBJECT_SETS["prompt_following"]]
+    prompt_following = _with_columns(judged.dataset, config.safe_prompts, judged)
+    trained = {prompt for prompt_set in safe_train.values() for prompt in prompt_set.prompts}
+    if trained & set(prompt_following.prompts):
+        raise SafeTextError("the demo's prompt-following prompts overlap the alignment's safe training prompts")
     logger.info("aligning MiniWorld's text encoder against %r", DESIGNATED_CONCEPT)
     aligned = align(
         model,
@@ -183,12 +189,6 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
 
     n = config.max_prompts
     unsafe_sets = {name: _with_columns(name, n) for name in GROUP_SETS.values()}
-    # prompt following is judged on safe prompts the recipe keeps out of training, where the alignment held nothing
-    judged = RECIPES[f"miniworld-{DESIGNATED_CONCEPT}"].heldout.safe[SUBJECT_SETS["prompt_following"]]
-    prompt_following = _with_columns(judged.dataset, config.safe_prompts, judged)
-    trained = {prompt for prompt_set in safe_train.values() for prompt in prompt_set.prompts}
-    if trained & set(prompt_following.prompts):
-        raise SafeTextError("the demo's prompt-following prompts overlap the alignment's safe training prompts")
     safe_sets = {
         SUBJECT_SETS["prompt_following"]: prompt_following,
         # the over-erasure set covers both restricted concepts' subjects; the demo removes one
