@@ -32,7 +32,7 @@ from safetext.generation import GenerationConfig, plan_images
 from safetext.loading import MINIWORLD
 from safetext.miniworld.world import DESIGNATED_CONCEPT
 from safetext.prompts import PromptSet
-from safetext.recipes import MINIWORLD_SAFE_HELDOUT, RECIPES, RecipeSet, load_recipe
+from safetext.recipes import MINIWORLD_SAFE_HELDOUT, load_heldout, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +100,11 @@ def _subset(prompts: PromptSet, n: int | None) -> PromptSet:
     return prompts if n is None else prompts.subset(range(min(n, len(prompts))))
 
 
-def _with_columns(name: str, n: int | None, part: RecipeSet | None = None, **keep) -> PromptSet:
-    """A shipped set with all its columns in the records, optionally only a recipe's slice of its rows and the rows
-    whose columns match `keep`."""
+def _with_columns(name: str, n: int | None, **keep) -> PromptSet:
+    """A shipped set with all its columns in the records, optionally only the rows whose columns match `keep`."""
     from safetext.miniworld.quality import miniworld_set
 
     prompts = miniworld_set(name)
-    if part is not None:
-        prompts = prompts.subset(range(len(prompts))[part.start : part.stop])
-        prompts.source.update(start=part.start, stop=part.stop, prompts=len(prompts))
     if keep:
         rows = [i for i, r in enumerate(prompts.records) if all(r[k] == v for k, v in keep.items())]
         prompts = prompts.subset(rows)
@@ -169,12 +165,14 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
     # reused when the settings match (the generation records say so, and refuse images made otherwise).
     shutil.rmtree(output_dir / "images" / "aligned", ignore_errors=True)
     unsafe_train, safe_train = load_recipe(f"miniworld-{DESIGNATED_CONCEPT}")
-    # prompt following is judged on safe prompts the recipe keeps out of training, where the alignment holds nothing
-    judged = RECIPES[f"miniworld-{DESIGNATED_CONCEPT}"].heldout.safe[SUBJECT_SETS["prompt_following"]]
-    prompt_following = _with_columns(judged.dataset, config.safe_prompts, judged)
-    trained = {prompt for prompt_set in safe_train.values() for prompt in prompt_set.prompts}
-    if trained & set(prompt_following.prompts):
-        raise SafeTextError("the demo's prompt-following prompts overlap the alignment's safe training prompts")
+    # prompt following is judged on the recipe's held-out safe prompts (load_heldout keeps out every training
+    # prompt), with the shipped set's columns
+    heldout = load_heldout(f"miniworld-{DESIGNATED_CONCEPT}")[1][SUBJECT_SETS["prompt_following"]]
+    shipped = _with_columns(heldout.source["dataset"], None)
+    kept = set(heldout.prompts)
+    rows = [i for i, prompt in enumerate(shipped.prompts) if prompt in kept]
+    prompt_following = _subset(shipped.subset(rows), config.safe_prompts)
+    prompt_following.source.update(heldout.source, prompts=len(prompt_following))
     logger.info("aligning MiniWorld's text encoder against %r", DESIGNATED_CONCEPT)
     aligned = align(
         model,
