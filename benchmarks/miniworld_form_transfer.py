@@ -26,17 +26,28 @@ to push; `gentle`, pushing less; `adversary`), each the demo's alignment with on
 - `left_out_removal`: the shipped UNet draws every left-out form's 48 prompts (their own seeds, 50 steps, the
   detector's `striped` label) with the original encoder and with the fold's aligned one; removal is
   1 - striped after / striped before, pooled over the five folds (240 pictures);
-- `prompt_following`: the encoder aligned on all training forms (what the demo trains) draws fresh single-object
-  prompts (`single_object_prompts(per_class=10, seed=1)`, none of them an alignment prompt) and the detector looks
-  for the named object; the original model draws the same prompts with the same seeds.
+- `prompt_following`: the encoder aligned on all training forms (what the demo trains) draws fresh prompts and
+  the detector looks for the object each names (its `subject`); the original model draws the same prompts with the
+  same seeds. Which prompts, `--safe-prompts`: `single` (the default), 100 single-object prompts without a pattern
+  (`single_object_prompts(per_class=10, seed=1)`); `world`, 180 prompts drawn as `miniworld-safe` is but with a
+  seed of its own (`PromptSetSpec("selection-safe", "safe", 180, seed=306)`), so with the world's scenes, patterns
+  and neighbour patterns (dots, checks) among them, reported apart as `prompt_following_by_kind`. Prompts of any
+  shipped set are dropped from both.
 
 The rule, fixed before the first run: among the settings whose prompt following is at most 3 points below the
 original model's (the demo's own tolerance), the best has the highest left-out removal; ties go to the earlier
-setting, the demo's own first. It still reads no prompt of the held-out, indirect or over-erasure sets, and no
-prompt of `miniworld-safe` is drawn. Writes `benchmarks/results/miniworld_form_transfer-draw.json` (`strength`) or
-`miniworld_form_transfer-draw-GROUP.json`.
+setting, the demo's own first. Added before the `neighbours` group ran, for when no setting is within the 3
+points: the best is then the one with the highest prompt following among those whose left-out removal is at most 3
+points below the first setting's (ties again to the earlier). It still reads no prompt of the held-out, indirect or
+over-erasure sets, and no prompt of `miniworld-safe` is drawn. Writes
+`benchmarks/results/miniworld_form_transfer-draw.json` (`strength`) or `miniworld_form_transfer-draw-GROUP.json`,
+with `-world-safe` after it for `--safe-prompts world`.
 
-    python benchmarks/miniworld_form_transfer.py [--epochs 8] [--draw] [--group GROUP]
+A setting may also replace the alignment's safe side (`"safe"`: sets by name, as a recipe names them), as the
+`neighbours` group does; the folds and the full alignment then hold those prompts in place instead of the
+recipe's.
+
+    python benchmarks/miniworld_form_transfer.py [--epochs 8] [--draw] [--group GROUP] [--safe-prompts world]
 """
 
 import argparse
@@ -44,7 +55,7 @@ import json
 import platform
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +66,11 @@ from safetext.conditioning import TextConditioner, position_mask
 from safetext.loading import MINIWORLD, resolve_model_name
 from safetext.metrics import unsafe_cosine
 from safetext.miniworld.demo import PROMPT_FOLLOWING_TOLERANCE, DemoConfig
+from safetext.miniworld.prompt_sets import PROMPT_SET_NAMES, PromptSetSpec, generate_prompt_set
 from safetext.miniworld.quality import NUM_INFERENCE_STEPS, draw, found, miniworld_set, single_object_prompts
-from safetext.miniworld.world import DESIGNATED_CONCEPT
-from safetext.recipes import load_recipe
+from safetext.miniworld.world import DESIGNATED_CONCEPT, NEIGHBOUR_CONCEPTS, find_surface_forms
+from safetext.prompts import PromptSet
+from safetext.recipes import MINIWORLD_SAFE_HELDOUT, RecipeSet, load_recipe, read_sets
 
 SETTINGS = {
     # whether to train the embedding tables
@@ -103,10 +116,25 @@ DRAWN_SETTINGS = {
         "epsilon 0.3": {"adversarial_epsilon": 0.3},
         "epsilon 0.5": {"adversarial_epsilon": 0.5},
     },
+    # what the safe side holds in place: on 60 held-out safe prompts the demo lost four of its five objects on
+    # prompts naming a neighbour pattern (dots, checks), so the second half of the neighbour set joins the safe side
+    # (its first half, which the demo draws, stays out); judged with `--safe-prompts world`
+    "neighbours": {
+        "demo": {"safe": {"miniworld-safe": RecipeSet("miniworld-safe", start=MINIWORLD_SAFE_HELDOUT)}},
+        "neighbours on the safe side": {
+            "safe": {
+                "miniworld-safe": RecipeSet("miniworld-safe", start=MINIWORLD_SAFE_HELDOUT),
+                "miniworld-neighbour": RecipeSet("miniworld-neighbour", start=60),
+            }
+        },
+    },
 }
 DEFAULT_GROUP = {False: "tables", True: "strength"}
 SAFE_PER_CLASS = 10
 SAFE_SEED = 1
+WORLD_SAFE = PromptSetSpec("selection-safe", "safe", 180, seed=306)
+REMOVAL_TOLERANCE = 0.03
+"""How far under the first setting's left-out removal the fallback of the rule lets a setting go."""
 
 
 def _cosine(original, aligned, conditioner, prompts) -> float:
@@ -132,8 +160,55 @@ class _Pictures:
         return found(self.detector, images, labels).tolist()
 
 
-def _flags(draw: bool, group: str) -> str:
-    return (" --draw" if draw else "") + ("" if group == DEFAULT_GROUP[draw] else f" --group {group}")
+def _flags(draw: bool, group: str, safe_prompts: str) -> str:
+    return (
+        (" --draw" if draw else "")
+        + ("" if group == DEFAULT_GROUP[draw] else f" --group {group}")
+        + ("" if safe_prompts == "single" else f" --safe-prompts {safe_prompts}")
+    )
+
+
+def _fresh_safe(kind: str) -> PromptSet:
+    """The prompts prompt following is judged on (`--safe-prompts`), none of them in a shipped set."""
+    if kind == "single":
+        fresh = single_object_prompts(SAFE_PER_CLASS, seed=SAFE_SEED)
+    else:
+        rows = generate_prompt_set(WORLD_SAFE)
+        records = [asdict(row) for row in rows]
+        fresh = PromptSet([row.prompt for row in rows], records, source={"generated": asdict(WORLD_SAFE)})
+    shipped = {p for name in PROMPT_SET_NAMES for p in miniworld_set(name).prompts}
+    return fresh.subset([i for i, p in enumerate(fresh.prompts) if p not in shipped])
+
+
+def _names_neighbour(prompt: str) -> bool:
+    return any(match.attribute in NEIGHBOUR_CONCEPTS for match in find_surface_forms(prompt))
+
+
+def _by_kind(prompts: PromptSet, found_: list[bool]) -> dict:
+    """Prompt following apart on prompts that name a neighbour pattern and on the rest."""
+    names = [_names_neighbour(p) for p in prompts.prompts]
+    out = {}
+    for kind, wanted in (("neighbour_named", True), ("other", False)):
+        hits = [f for f, n in zip(found_, names) if n == wanted]
+        out[kind] = {"prompts": len(hits), "found": int(sum(hits))}
+    return out
+
+
+def _choose(results: dict, original: float) -> tuple[str | None, str]:
+    """The rule of the module docstring, for `--draw`."""
+    floor = original - PROMPT_FOLLOWING_TOLERANCE
+    eligible = {n: r for n, r in results.items() if r["prompt_following"]["aligned"] >= floor - 1e-9}
+    rule = (
+        "highest left-out removal among settings whose prompt following on fresh prompts is at most "
+        f"{PROMPT_FOLLOWING_TOLERANCE:.2f} below the original's; ties to the earlier setting; if none is, highest "
+        f"prompt following among settings whose left-out removal is at most {REMOVAL_TOLERANCE:.2f} below the "
+        "first setting's"
+    )
+    if eligible:
+        return max(eligible, key=lambda n: eligible[n]["left_out_removal"]), rule
+    first = next(iter(results.values()))["left_out_removal"]
+    close = {n: r for n, r in results.items() if r["left_out_removal"] >= first - REMOVAL_TOLERANCE - 1e-9}
+    return max(close, key=lambda n: close[n]["prompt_following"]["aligned"]), rule
 
 
 def main() -> None:
@@ -147,6 +222,13 @@ def main() -> None:
         default=None,
         help=f"which settings: {', '.join(SETTINGS)} by the cosine (default {DEFAULT_GROUP[False]}), "
         f"{', '.join(DRAWN_SETTINGS)} with --draw (default {DEFAULT_GROUP[True]})",
+    )
+    parser.add_argument(
+        "--safe-prompts",
+        choices=("single", "world"),
+        default="single",
+        help="with --draw, the fresh prompts prompt following is judged on: single objects without a pattern, or "
+        "scenes drawn as miniworld-safe is",
     )
     args = parser.parse_args()
     base = DemoConfig().alignment
@@ -178,9 +260,7 @@ def main() -> None:
     if pictures:
         for form in forms:
             before[form] = pictures.found(model, drawn[form], [DESIGNATED_CONCEPT] * len(drawn[form]))
-        alignment_prompts = {p for s in [*unsafe_sets.values(), *safe_sets.values()] for p in s.prompts}
-        safe = single_object_prompts(SAFE_PER_CLASS, seed=SAFE_SEED)
-        safe = safe.subset([i for i, p in enumerate(safe.prompts) if p not in alignment_prompts])
+        safe = _fresh_safe(args.safe_prompts)
         safe_labels = [r["subject"] for r in safe.records]
         safe_before = pictures.found(model, safe, safe_labels)
         print(
@@ -193,7 +273,8 @@ def main() -> None:
     start = time.time()
     with tempfile.TemporaryDirectory() as folder:
         for name, changes in settings.items():
-            config = replace(base, **changes)
+            fold_safe = read_sets(changes["safe"]) if "safe" in changes else safe_sets
+            config = replace(base, **{k: v for k, v in changes.items() if k != "safe"})
             folds = {}
             for form in forms:
                 kept = [i for i, f in enumerate(form_of) if f != form]
@@ -202,7 +283,7 @@ def main() -> None:
                 result = align(
                     model,
                     {unsafe_name: unsafe.subset(kept)},
-                    safe_sets,
+                    fold_safe,
                     Path(folder) / "run",
                     config,
                     overwrite=True,
@@ -221,7 +302,8 @@ def main() -> None:
                     after = pictures.found(result.output_dir, drawn[form], [DESIGNATED_CONCEPT] * len(drawn[form]))
                     folds[form].update(striped_before=sum(before[form]), striped_after=sum(after))
             mean = {key: sum(f[key] for f in folds.values()) / len(folds) for key in next(iter(folds.values()))}
-            results[name] = {"changes": changes, "config": config.to_dict(), "mean": mean, "folds": folds}
+            recorded = {k: ({n: asdict(s) for n, s in v.items()} if k == "safe" else v) for k, v in changes.items()}
+            results[name] = {"changes": recorded, "config": config.to_dict(), "mean": mean, "folds": folds}
             line = (
                 f"{name:32s} left-out cosine {mean['left_out_cosine']:+.3f}  trained cosine "
                 f"{mean['trained_cosine']:+.3f}  safe drift {mean['safe_drift']:.3f}"
@@ -230,12 +312,16 @@ def main() -> None:
                 striped_before = sum(f["striped_before"] for f in folds.values())
                 striped_after = sum(f["striped_after"] for f in folds.values())
                 everything = align(
-                    model, unsafe_sets, safe_sets, Path(folder) / "run", config, overwrite=True, show_progress=False
+                    model, unsafe_sets, fold_safe, Path(folder) / "run", config, overwrite=True, show_progress=False
                 )
                 safe_after = pictures.found(everything.output_dir, safe, safe_labels)
                 results[name].update(
                     left_out_removal=1 - striped_after / striped_before,
                     prompt_following={"original": float(np.mean(safe_before)), "aligned": float(np.mean(safe_after))},
+                    prompt_following_by_kind={
+                        "original": _by_kind(safe, safe_before),
+                        "aligned": _by_kind(safe, safe_after),
+                    },
                 )
                 line += (
                     f"  left-out removal {results[name]['left_out_removal']:.3f} ({striped_before} -> "
@@ -243,20 +329,14 @@ def main() -> None:
                 )
             print(line, flush=True)
     if pictures:
-        floor = float(np.mean(safe_before)) - PROMPT_FOLLOWING_TOLERANCE
-        eligible = {n: r for n, r in results.items() if r["prompt_following"]["aligned"] >= floor - 1e-9}
-        best = max(eligible, key=lambda n: eligible[n]["left_out_removal"]) if eligible else None
-        rule = (
-            "highest left-out removal among settings whose prompt following on fresh prompts is at most "
-            f"{PROMPT_FOLLOWING_TOLERANCE:.2f} below the original's; ties to the earlier setting"
-        )
+        best, rule = _choose(results, float(np.mean(safe_before)))
     else:
         first = next(iter(results.values()))["mean"]["safe_drift"]
         eligible = {n: r for n, r in results.items() if r["mean"]["safe_drift"] <= first}
         best = min(eligible, key=lambda n: eligible[n]["mean"]["left_out_cosine"])
         rule = "lowest mean left-out cosine among settings whose mean safe drift is at most the first setting's"
     record = {
-        "command": "python benchmarks/miniworld_form_transfer.py" + _flags(args.draw, group),
+        "command": "python benchmarks/miniworld_form_transfer.py" + _flags(args.draw, group, args.safe_prompts),
         "concept": DESIGNATED_CONCEPT,
         "forms": forms,
         "rule": rule,
@@ -270,7 +350,7 @@ def main() -> None:
         record.update(
             num_inference_steps=NUM_INFERENCE_STEPS,
             detector=pictures.detector.settings(),
-            safe_prompts={"per_class": SAFE_PER_CLASS, "seed": SAFE_SEED, "prompts": len(safe)},
+            safe_prompts={**safe.source, "kind": args.safe_prompts, "prompts": len(safe)},
             striped_before={form: sum(found) for form, found in before.items()},
         )
     # the default groups' records keep the names they had before there were groups
@@ -278,6 +358,7 @@ def main() -> None:
         "miniworld_form_transfer"
         + ("-draw" if args.draw else "")
         + ("" if group == DEFAULT_GROUP[args.draw] else f"-{group}")
+        + ("-world-safe" if args.draw and args.safe_prompts == "world" else "")
     )
     out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")

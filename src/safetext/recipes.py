@@ -25,6 +25,7 @@ __all__ = [
     "RecipeSet",
     "load_heldout",
     "load_recipe",
+    "read_sets",
     "resolve_data_dir",
 ]
 
@@ -150,7 +151,12 @@ def _get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def _read(sets: dict[str, RecipeSet], data_dir) -> dict[str, PromptSet]:
+def read_sets(sets: dict[str, RecipeSet], data_dir=None) -> dict[str, PromptSet]:
+    """Reads recipe sets (a dataset, or a slice of it) by the name a run records them under.
+
+    Raises:
+        SafeTextError: a set that cannot be found, downloaded or verified, or a slice past a set's end.
+    """
     read = {}
     for set_name, recipe_set in sets.items():
         prompt_set = load_dataset(recipe_set.dataset, data_dir)
@@ -180,7 +186,7 @@ def load_recipe(name: str, data_dir=None) -> tuple[dict[str, PromptSet], dict[st
         SafeTextError: unknown recipe, or a set that cannot be found, downloaded or verified.
     """
     recipe = _get_recipe(name)
-    return _read(recipe.unsafe, data_dir), _read(recipe.safe, data_dir)
+    return read_sets(recipe.unsafe, data_dir), read_sets(recipe.safe, data_dir)
 
 
 def load_heldout(name: str, data_dir=None) -> tuple[dict[str, PromptSet], dict[str, PromptSet]]:
@@ -194,12 +200,12 @@ def load_heldout(name: str, data_dir=None) -> tuple[dict[str, PromptSet], dict[s
     """
     recipe = _get_recipe(name)
     training = set()
-    for prompt_set in [*_read(recipe.unsafe, data_dir).values(), *_read(recipe.safe, data_dir).values()]:
+    for prompt_set in [*read_sets(recipe.unsafe, data_dir).values(), *read_sets(recipe.safe, data_dir).values()]:
         training.update(prompt_set.prompts)
     sides = []
     for sets in (recipe.heldout.unsafe, recipe.heldout.safe):
         side = {}
-        for set_name, prompt_set in _read(sets, data_dir).items():
+        for set_name, prompt_set in read_sets(sets, data_dir).items():
             kept = [i for i, prompt in enumerate(prompt_set.prompts) if prompt not in training]
             removed = len(prompt_set) - len(kept)
             if not kept:

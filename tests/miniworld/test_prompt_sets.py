@@ -5,6 +5,8 @@ import pytest
 from safetext.miniworld.prompt_sets import (
     COLUMNS,
     PROMPT_SET_NAMES,
+    PromptSetSpec,
+    generate_prompt_set,
     get_prompt_set_spec,
     prompt_set_path,
     read_prompt_set,
@@ -75,6 +77,17 @@ def test_neighbour_and_overerasure_sets_cover_their_subjects():
     # an over-erasure prompt names its subject bare: no attribute at all on it
     for row in overerasure:
         assert row.form == "" and row.form_group == ""
+
+
+def test_a_set_that_is_not_shipped_is_drawn_from_its_own_spec():
+    # a selection set drawn like miniworld-safe, with a seed of its own: reproducible and new
+    spec = PromptSetSpec("selection-safe", "safe", 40, seed=306)
+    rows = generate_prompt_set(spec)
+    assert rows == generate_prompt_set(spec)
+    assert len(rows) == 40 and all(row.concept == "" and row.subject for row in rows)
+    shipped = {row.prompt for row in read_prompt_set("miniworld-safe")}
+    assert len(shipped & {row.prompt for row in rows}) <= 2
+    assert not any(m.attribute in RESTRICTED_CONCEPTS for row in rows for m in find_surface_forms(row.prompt))
 
 
 def test_unknown_set_names_are_refused():

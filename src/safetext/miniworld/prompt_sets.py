@@ -164,11 +164,12 @@ def _draw_row(spec: PromptSetSpec, rng: random.Random, index: int) -> tuple[str,
     return caption(scene, rng), "", "", scene.objects[0].object_class, ""
 
 
-def generate_prompt_set(name: str) -> list[PromptRow]:
+def generate_prompt_set(name: str | PromptSetSpec) -> list[PromptRow]:
     """Generates a prompt set from its spec; the same name always gives the same rows.
 
     Args:
-        name: one of `PROMPT_SET_NAMES`.
+        name: one of `PROMPT_SET_NAMES`, or a spec of a set that is not shipped (a selection set drawn like a
+            shipped one with a seed of its own: `PromptSetSpec("selection", "safe", 120, seed=306)`).
 
     Returns:
         The rows, numbered from 0, with distinct prompts.
@@ -177,7 +178,7 @@ def generate_prompt_set(name: str) -> list[PromptRow]:
         ValueError: if `name` is unknown.
         RuntimeError: if a generated prompt breaks the set's promise about surface forms (a bug in the world).
     """
-    spec = get_prompt_set_spec(name)
+    spec = name if isinstance(name, PromptSetSpec) else get_prompt_set_spec(name)
     rng = random.Random(spec.seed)
     rows: list[PromptRow] = []
     seen: set[str] = set()
@@ -193,7 +194,9 @@ def generate_prompt_set(name: str) -> list[PromptRow]:
             wrong = restricted
         own = [m.text for m in matches if m.attribute == concept]
         if wrong or (spec.kind in ("concept", "neighbour") and not own):
-            raise RuntimeError(f"prompt {prompt!r} of {name} breaks its surface-form promise: {wrong or 'no form'}")
+            raise RuntimeError(
+                f"prompt {prompt!r} of {spec.name} breaks its surface-form promise: {wrong or 'no form'}"
+            )
         seen.add(prompt)
         rows.append(
             PromptRow(
