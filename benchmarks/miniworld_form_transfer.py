@@ -118,7 +118,8 @@ DRAWN_SETTINGS = {
     },
     # what the safe side holds in place: on 60 held-out safe prompts the demo lost four of its five objects on
     # prompts naming a neighbour pattern (dots, checks), so the second half of the neighbour set joins the safe side
-    # (its first half, which the demo draws, stays out); judged with `--safe-prompts world`
+    # (its first half, which the demo draws, stays out); judged with `--safe-prompts world`. The rule kept the demo's:
+    # with the neighbours held, the alignment did not leave its start (left-out cosine +0.88, removal 9%)
     "neighbours": {
         "demo": {"safe": {"miniworld-safe": RecipeSet("miniworld-safe", start=MINIWORLD_SAFE_HELDOUT)}},
         "neighbours on the safe side": {
@@ -128,6 +129,17 @@ DRAWN_SETTINGS = {
             }
         },
     },
+}
+# how long to push: at the demo's settings the unsafe cosine stays near 1 for about 100 of the 216 steps and
+# crosses 0 only near step 155 (the training log of `safetext align`), so the demo stops the alignment mid-way and
+# its outcome hangs on when that crossing happens; a fold, with a fifth fewer prompts, runs 176 steps. Longer
+# alignments let it finish, on both safe sides (with the neighbours it had not left cosine 0.98 by step 216).
+_NEIGHBOURS = DRAWN_SETTINGS["neighbours"]["neighbours on the safe side"]
+DRAWN_SETTINGS["length"] = {
+    "demo": {},
+    "12 epochs": {"num_train_epochs": 12},
+    "16 epochs": {"num_train_epochs": 16},
+    "16 epochs, neighbours on the safe side": {"num_train_epochs": 16, **_NEIGHBOURS},
 }
 DEFAULT_GROUP = {False: "tables", True: "strength"}
 SAFE_PER_CLASS = 10
