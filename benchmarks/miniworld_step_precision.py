@@ -6,16 +6,19 @@ Measures, in one process on the recipe's threads:
 - the floating-point operations of one UNet training step at the recipe's shapes (batch 64, 16x16x4 latents, 77
   prompt tokens; `torch.utils.flop_counter`), and its seconds in float32, under bf16 autocast with PyTorch's
   scaled-dot-product attention, and under bf16 autocast with diffusers' classic attention processor (what
-  `UNetConfig(mixed_precision="bf16")` uses on a CPU);
+  `UNetConfig(mixed_precision="bf16")` uses on a CPU), and that last step again with the UNet and its input in
+  channels-last memory format and, with `--compile`, under `torch.compile` (two ways to a faster step the recipe
+  does not take; the compiled step's first call, which compiles it, is timed apart);
 - the share of each step's CPU time spent in convolutions, and the seconds of its scaled-dot-product attention
   backward pass (`torch.profiler`).
 
 Prints each step's GFLOP/s as a share of the float32 matrix product's, the bf16 steps' speed as a ratio to the float32
 step's, and as its last line `bf16_speedup=<x>` (classic attention); writes
-`benchmarks/results/miniworld_step_precision.json`. Times the network's forward and backward passes only, with
-random inputs: no text encoder, data or optimiser (`miniworld_build_time.py` times whole steps).
+`benchmarks/results/miniworld_step_precision.json` (`-compile.json` with `--compile`). Times the network's forward
+and backward passes only, with random inputs: no text encoder, data or optimiser (`miniworld_build_time.py` times
+whole steps).
 
-    python benchmarks/miniworld_step_precision.py [--repeats 5] [--threads 2]
+    python benchmarks/miniworld_step_precision.py [--repeats 5] [--threads 2] [--compile]
 """
 
 import argparse
@@ -57,7 +60,7 @@ def _hardware(repeats: int) -> dict:
     return figures
 
 
-def _unet(config: UNetConfig, classic_attention: bool):
+def _unet(config: UNetConfig, classic_attention: bool, channels_last: bool = False):
     """The recipe's UNet on the shipped mini-CLIP's width (128), freshly initialised."""
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -65,6 +68,8 @@ def _unet(config: UNetConfig, classic_attention: bool):
     unet = build_unet(config, latent_channels=4, cross_attention_dim=128).train()
     if classic_attention:
         unet.set_attn_processor(AttnProcessor())
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     return unet
 
 
@@ -72,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure (the median is kept)")
     parser.add_argument("--threads", type=int, default=UNetConfig().num_threads)
+    parser.add_argument(
+        "--compile", action="store_true", help="time the bf16 step under torch.compile too (minutes to compile)"
+    )
     args = parser.parse_args()
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1")
@@ -87,20 +95,32 @@ def main() -> None:
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)
 
     hardware = _hardware(args.repeats)
+    variants = [
+        # name, bf16 autocast, classic attention, channels-last, compiled
+        ("float32", False, False, False, False),
+        ("bf16_sdpa_attention", True, False, False, False),
+        ("bf16_classic_attention", True, True, False, False),
+        ("bf16_classic_attention_channels_last", True, True, True, False),
+    ]
+    if args.compile:
+        variants.append(("bf16_classic_attention_compiled", True, True, False, True))
     steps = {}
-    for name, bf16, classic in (
-        ("float32", False, False),
-        ("bf16_sdpa_attention", True, False),
-        ("bf16_classic_attention", True, True),
-    ):
-        unet = _unet(config, classic)
+    compile_seconds = None
+    for name, bf16, classic, channels_last, compiled in variants:
+        unet = _unet(config, classic, channels_last)
+        forward = torch.compile(unet) if compiled else unet
+        inputs = latents.to(memory_format=torch.channels_last) if channels_last else latents
 
-        def step(unet=unet, bf16=bf16):
+        def step(unet=unet, forward=forward, inputs=inputs, bf16=bf16):
             unet.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                prediction = unet(latents, timesteps, prompts).sample
+                prediction = forward(inputs, timesteps, prompts).sample
             prediction.float().square().mean().backward()
 
+        if compiled:
+            start = time.perf_counter()
+            step()
+            compile_seconds = time.perf_counter() - start
         seconds = _seconds(step, args.repeats)
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             step()
@@ -139,8 +159,9 @@ def main() -> None:
         "gflop_per_step": gflop,
         "hardware": hardware,
         "unet_step": steps,
+        "compile_seconds": compile_seconds,
     }
-    out = Path(__file__).parent / "results" / "miniworld_step_precision.json"
+    out = Path(__file__).parent / "results" / f"miniworld_step_precision{'-compile' if args.compile else ''}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     for name, figures in hardware.items():
         print(
@@ -155,6 +176,8 @@ def main() -> None:
             f"{figures['convolution_share_of_cpu_time']:.0%} of its CPU time, SDPA backward "
             f"{figures['sdpa_backward_seconds']:.3f} s"
         )
+    if compile_seconds is not None:
+        print(f"  (the compiled step's first call, which compiles it: {compile_seconds:.0f} s)")
     print(f"bf16_speedup={steps['bf16_classic_attention']['speedup_over_float32']:.2f}")
 
 
