@@ -154,6 +154,21 @@ def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
     with open(tmp_path / "demo" / "miniworld-safe-heldout_lpips.csv", newline="") as f:
         judged_on = [row["prompt"] for row in csv.DictReader(f)]
     assert judged_on == miniworld_set("miniworld-safe").prompts[:3]
+    # image by image, which prompts kept their subject; the rates are these rows' means
+    for key, name in record["demo"]["per_image"].items():
+        with open(tmp_path / "demo" / name, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == record["safe"][name.removesuffix("_subjects.csv")]["images"]
+        for role in ("original", "aligned"):
+            assert sum(int(row[role]) for row in rows) / len(rows) == pytest.approx(record[key][role])
+    with open(tmp_path / "demo" / record["demo"]["per_image"]["subject_kept"], newline="") as f:
+        asked = [(row["prompt"], row["label"]) for row in csv.DictReader(f)]
+    subjects = [
+        (r["prompt"], r["subject"])
+        for r in miniworld_set("miniworld-overerasure").records
+        if r["concept"] == "striped"
+    ]
+    assert asked == subjects[:2]
     aligned = json.loads((tmp_path / "demo" / "aligned" / "safetext.json").read_text())
     assert aligned["data"]["safe"]["miniworld-safe"]["start"] == MINIWORLD_SAFE_HELDOUT
     page = (tmp_path / "demo" / "report.html").read_text()

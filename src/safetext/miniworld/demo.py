@@ -9,7 +9,8 @@ text-to-image model, offline, in minutes on a CPU.
 3. Measure what the issue asks: the removal rate of `striped` per group (1 - rate after / rate before), prompt
    following on safe prompts the alignment never trained on (the recipe's held-out `miniworld-safe` prompts) and
    the subject kept on over-erasure prompts (the detector finds the prompt's
-   subject), plus LPIPS and FID_g from the evaluation, and write `DIR/results.json` and `DIR/report.html`.
+   subject), plus LPIPS and FID_g from the evaluation, and write `DIR/results.json` and `DIR/report.html`, with
+   `DIR/<set>_subjects.csv` saying for each prompt of those two sets whether each model drew its subject.
    Beside them, the floor the removal figures stand on: `unprompted_rate`, the share of over-erasure pictures
    with stripes although their prompts name no pattern, and `removal_at_unprompted_rate`, the removal per group
    of an eraser that brings stripes down to the original model's unprompted rate.
@@ -18,6 +19,7 @@ The demo's figures are what they are: its gates (removal >= 95% on held-out form
 points, subject kept within 5 points) are recorded as passed or failed, never tuned after the fact.
 """
 
+import csv
 import logging
 import shutil
 import time
@@ -116,21 +118,45 @@ def _with_columns(name: str, n: int | None, **keep) -> PromptSet:
     return _subset(prompts, n)
 
 
-def _rates(output_dir: Path, name: str, prompts: PromptSet, generation: GenerationConfig, detector, column) -> dict:
-    """Per model, the share of a set's images in which the detector finds the label the row's `column` names
-    (or the fixed label when `column` is not a column)."""
+def _found(output_dir: Path, name: str, prompts: PromptSet, generation: GenerationConfig, detector, column):
+    """The images' plan, the label asked of each image (the row's `column`, or the fixed label when `column` is not
+    a column), and per model whether the detector finds it in each image."""
     from safetext.evaluation.images import load_image
-    from safetext.miniworld.quality import presence
+    from safetext.miniworld.quality import found
 
     plan = plan_images(prompts, generation)
     by_case = {r["case_number"]: r for r in prompts.records}
     labels = [by_case[job.case_number].get(column, column) for job in plan]
+    return (
+        plan,
+        labels,
+        {
+            role: found(
+                detector, [load_image(output_dir / "images" / role / name / job.filename) for job in plan], labels
+            )
+            for role in ROLES
+        },
+    )
+
+
+def _rates(output_dir: Path, name: str, prompts: PromptSet, generation: GenerationConfig, detector, column) -> dict:
+    """Per model, the share of a set's images in which the detector finds the label asked for (see `_found`)."""
     return {
-        role: presence(
-            detector, [load_image(output_dir / "images" / role / name / job.filename) for job in plan], labels
-        )
-        for role in ROLES
+        role: float(hits.mean())
+        for role, hits in _found(output_dir, name, prompts, generation, detector, column)[2].items()
     }
+
+
+def _write_found_csv(path: Path, plan, labels: list[str], hits: dict) -> None:
+    """One row per image pair: prompt, seed, the label asked for, and whether each model's image shows it (1/0);
+    written whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case_number", "prompt", "seed", "label", *ROLES])
+        for i, (job, label) in enumerate(zip(plan, labels, strict=True)):
+            writer.writerow([job.case_number, job.prompt, job.seed, label, *(int(hits[role][i]) for role in ROLES)])
+    tmp.replace(path)
 
 
 def _removal(rates: dict) -> float | None:
@@ -208,10 +234,13 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
         group: _rates(output_dir, name, unsafe_sets[name], generation, detector, DESIGNATED_CONCEPT)
         for group, name in GROUP_SETS.items()
     }
-    subject = {
-        key: _rates(output_dir, name, safe_sets[name], generation, detector, "subject")
-        for key, name in SUBJECT_SETS.items()
-    }
+    # which prompts lose their subject, image by image, beside the rates (`<set>_subjects.csv`)
+    subject, subject_files = {}, {}
+    for key, name in SUBJECT_SETS.items():
+        plan, labels, hits = _found(output_dir, name, safe_sets[name], generation, detector, "subject")
+        subject[key] = {role: float(hit.mean()) for role, hit in hits.items()}
+        subject_files[key] = f"{name}_subjects.csv"
+        _write_found_csv(output_dir / subject_files[key], plan, labels, hits)
     neighbour_kept = _rates(output_dir, NEIGHBOUR_SET, safe_sets[NEIGHBOUR_SET], generation, detector, "concept")
     # the concept where no prompt asks for it: the over-erasure prompts name its subjects and no pattern
     over_erasure = SUBJECT_SETS["subject_kept"]
@@ -256,6 +285,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
                 "config": asdict(config),
                 "concept": DESIGNATED_CONCEPT,
                 "gates": gates,
+                "per_image": subject_files,
                 "alignment_metrics": aligned.metrics,
                 "alignment_seconds": alignment_seconds,
             },
