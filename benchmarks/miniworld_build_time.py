@@ -4,7 +4,8 @@ Each stage runs a few steps with the recipe's own settings (`BuildConfig()` as a
 CPU has no native bfloat16, the stages set to bf16 run in float32, and the result's name ends in
 `-no-native-bf16`), on pools far smaller than the recipe's (pool size does not change a step's cost), and the
 stage's time is projected as its steps times the measured seconds per step; the pools' rendering and encoding are
-left out. The UNet's steps run on the short mini-CLIP and autoencoder just trained, which have the recipe's
+left out. The UNet's first step (its warm-up, or with `--unet-compile` its compilation) is timed apart and counted
+once, the rest per step. The UNet's steps run on the short mini-CLIP and autoencoder just trained, which have the recipe's
 shapes. Prints the figures and, as its last line, `ratio_to_budget=<x>`; writes them to
 `benchmarks/results/miniworld_build_time.json`.
 
@@ -12,7 +13,8 @@ A variant of the recipe (`--clip-mixed-precision no|bf16`: the mini-CLIP in floa
 `--autoencoder-mixed-precision no|bf16`: the autoencoder in float32 or under bfloat16 autocast;
 `--autoencoder-crop-size 32|none`: the autoencoder trained on 32x32 crops or on whole pictures;
 `--unet-mixed-precision no|bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
-`--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; `--autoencoder-batch-size
+`--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; `--unet-compile`: the
+UNet trained through `torch.compile`; `--autoencoder-batch-size
 N`: pictures per autoencoder step; `--autoencoder-steps N`, `--unet-steps N`: shorter or longer schedules, which
 change the projection only; an option not given keeps the recipe's setting) is timed together with the recipe
 itself in the same run, and each stage's speed is printed as a ratio to the recipe's; its figures go to
@@ -22,7 +24,8 @@ variant reaches the recipe's quality takes a full build to tell.
     python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--clip-mixed-precision no|bf16]
         [--autoencoder-mixed-precision no|bf16]
         [--autoencoder-crop-size 32|none] [--unet-mixed-precision no|bf16] [--unet-attention-at-16x16]
-        [--unet-attention-heads 2,8,8] [--autoencoder-batch-size 32] [--autoencoder-steps N] [--unet-steps N]
+        [--unet-attention-heads 2,8,8] [--unet-compile] [--autoencoder-batch-size 32] [--autoencoder-steps N]
+        [--unet-steps N]
 """
 
 import argparse
@@ -41,18 +44,21 @@ from safetext.miniworld.clip_training import train_mini_clip
 from safetext.miniworld.unet_training import train_unet
 
 
-def _time_stages(recipe: BuildConfig, steps: int, device: str, folder: Path) -> dict:
-    """Seconds per step of each stage, run for `steps` steps with the recipe's settings on small pools."""
+def _time_stages(recipe: BuildConfig, steps: int, device: str, folder: Path) -> tuple[dict, float]:
+    """Seconds per step of each stage, run for `steps` steps with the recipe's settings on small pools, and the
+    seconds of the UNet's first step beyond a later one's (its compilation, with `compile`)."""
     short = {"max_train_steps": steps, "lr_warmup_steps": 1}
     clip = replace(recipe.clip, **short, num_scenes=2 * recipe.clip.train_batch_size)
     autoencoder = replace(recipe.autoencoder, **short, num_pictures=2 * recipe.autoencoder.train_batch_size)
     unet = replace(recipe.unet, **short, num_scenes=2 * recipe.unet.train_batch_size)
-    return {
-        "clip": train_mini_clip(clip, folder, device)["seconds_per_step"],
-        "autoencoder": train_autoencoder(autoencoder, folder, device)["seconds_per_step"],
-        # on the short mini-CLIP and autoencoder just trained, which have the recipe's shapes
-        "unet": train_unet(unet, folder, folder, folder / "pipeline", device)["seconds_per_step"],
-    }
+    # on the short mini-CLIP and autoencoder just trained, which have the recipe's shapes
+    clip_seconds = train_mini_clip(clip, folder, device)["seconds_per_step"]
+    autoencoder_seconds = train_autoencoder(autoencoder, folder, device)["seconds_per_step"]
+    unet_record = train_unet(unet, folder, folder, folder / "pipeline", device)
+    first = unet_record["first_step_seconds"]
+    unet_seconds = (unet_record["seconds_per_step"] * steps - first) / (steps - 1)
+    seconds = {"clip": clip_seconds, "autoencoder": autoencoder_seconds, "unet": unet_seconds}
+    return seconds, max(first - unet_seconds, 0.0)
 
 
 def _crop_size(text: str) -> int | None:
@@ -89,6 +95,8 @@ def _changes(recipe: BuildConfig, variant: BuildConfig) -> list[str]:
         changes.append(f"autoencoder-steps-{variant.autoencoder.max_train_steps}")
     if variant.unet.max_train_steps != recipe.unet.max_train_steps:
         changes.append(f"unet-steps-{variant.unet.max_train_steps}")
+    if variant.unet.compile != recipe.unet.compile:
+        changes.append("unet-compile")
     return changes
 
 
@@ -110,10 +118,13 @@ def main() -> None:
         "--unet-attention-at-16x16", action="store_true", default=None, help="attention at the UNet's finest level"
     )
     parser.add_argument("--unet-attention-heads", help="heads per level, 16x16 first, comma-separated (e.g. 2,8,8)")
+    parser.add_argument("--unet-compile", action="store_true", help="train the UNet through torch.compile")
     parser.add_argument("--autoencoder-batch-size", type=int, help="pictures per step (default: the recipe's)")
     parser.add_argument("--autoencoder-steps", type=int, help="the autoencoder's schedule (default: the recipe's)")
     parser.add_argument("--unet-steps", type=int, help="the UNet's schedule (default: the recipe's)")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the UNet's first step is timed apart")
     try:
         # as a build resolves it: the stages set to bf16 in float32 where the device has no native bfloat16
         recipe, float32_stages = resolve_precision(BuildConfig(device=args.device))
@@ -144,15 +155,16 @@ def main() -> None:
                 attention_at_16x16=args.unet_attention_at_16x16 or recipe.unet.attention_at_16x16,
                 attention_head_dim=heads,
                 max_train_steps=args.unet_steps or recipe.unet.max_train_steps,
+                compile=args.unet_compile or recipe.unet.compile,
             ),
         )
     except ValueError as error:
         parser.error(str(error))
     changes = _changes(recipe, variant)
     with tempfile.TemporaryDirectory() as folder:
-        timed = _time_stages(variant, args.steps, args.device, Path(folder) / "variant")
+        timed, one_off = _time_stages(variant, args.steps, args.device, Path(folder) / "variant")
         # a variant is also timed against the recipe itself in the same run: the machine's speed drifts
-        reference = _time_stages(recipe, args.steps, args.device, Path(folder) / "recipe") if changes else None
+        reference = _time_stages(recipe, args.steps, args.device, Path(folder) / "recipe")[0] if changes else None
     configs = {"clip": variant.clip, "autoencoder": variant.autoencoder, "unet": variant.unet}
     record = {
         "command": " ".join(["python benchmarks/miniworld_build_time.py", *sys.argv[1:]]),
@@ -169,10 +181,12 @@ def main() -> None:
                 "steps": configs[name].max_train_steps,
                 "train_batch_size": configs[name].train_batch_size,
                 "seconds_per_step": seconds,
-                "projected_seconds": seconds * configs[name].max_train_steps,
+                "projected_seconds": seconds * configs[name].max_train_steps + (one_off if name == "unet" else 0.0),
             }
             for name, seconds in timed.items()
         },
+        # the UNet's first step beyond a later one's (with --unet-compile, the compilation), counted once
+        "unet_first_step_extra_seconds": one_off,
         "budget_seconds": recipe.time_budget_s,
     }
     if reference is not None:

@@ -203,6 +203,38 @@ def test_unet_trains_under_bf16_autocast_with_float32_weights(stages, tmp_path):
     assert {p.dtype for p in unet.parameters()} == {torch.float32}
 
 
+def test_a_compiled_unet_trains_as_the_plain_one_and_saves_the_same_weights(stages, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from safetext.miniworld.unet_training import train_unet
+
+    # TorchDynamo traces the UNet as in the recipe, but hands the graphs to the eager backend: Inductor's C++
+    # compile takes minutes cold, which the suite cannot spend
+    compiled_with = []
+    real_compile = torch.compile
+
+    def compile_eagerly(module, **kwargs):
+        compiled_with.append(module)
+        return real_compile(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    plain = train_unet(TINY.unet, stages, stages, tmp_path / "plain")
+    assert not compiled_with
+    compiled = train_unet(replace(TINY.unet, compile=True), stages, stages, tmp_path / "compiled")
+    assert len(compiled_with) == 1 and compiled["config"]["compile"] is True
+    assert compiled["first_step_seconds"] > 0 and plain["first_step_seconds"] > 0
+    assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-4)
+    # the folder holds the module's own weights, under their own names (no compiled wrapper's prefix)
+    weights = {
+        name: load_file(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors")
+        for name in ("plain", "compiled")
+    }
+    assert weights["compiled"].keys() == weights["plain"].keys()
+    assert not any(key.startswith("_orig_mod") for key in weights["compiled"])
+    assert all(torch.allclose(weights["compiled"][k], weights["plain"][k], atol=1e-4) for k in weights["plain"])
+    UNet2DConditionModel.from_pretrained(tmp_path / "compiled" / "unet")
+
+
 def test_the_unet_sees_patterns_as_often_as_its_config_asks(stages, tmp_path):
     from safetext.miniworld.scenes import SceneDistribution
     from safetext.miniworld.unet_training import train_unet

@@ -91,6 +91,11 @@ class UNetConfig:
             min(ema_decay, n / (9 + n)) (0 after the first), so over a schedule of a few thousand steps the
             average's weights are about a tenth of the steps taken old on average. None (the recipe) saves the
             last weights.
+        compile: train through `torch.compile(unet)` (Inductor; on a CPU it needs a C++ compiler). Off in the
+            recipe: on two AVX512-BF16 cores the network's bf16 forward and backward passes alone ran 1.2 times
+            faster compiled (`benchmarks/miniworld_step_precision.py --compile`), but the whole training step no
+            faster (`benchmarks/miniworld_build_time.py --unet-compile`), after a cold compile of about 3 minutes
+            (counted in the stage's time). The saved weights are the module's own, as without it.
         seed: seed of the scenes, captions, noise and initialisation.
         num_threads: torch CPU threads (the recipe's machine has two cores; on a busy machine one can be faster).
     """
@@ -109,6 +114,7 @@ class UNetConfig:
     attention_at_16x16: bool = False
     mixed_precision: str = "no"
     ema_decay: float | None = None
+    compile: bool = False
     seed: int = 0
     num_threads: int = 2
 
@@ -372,6 +378,9 @@ def train_unet(
 
     autocast = training_autocast(device, config.mixed_precision)
     unet.train()
+    # the compiled module shares the UNet's parameters: the optimiser, the average, checkpoints and the saved
+    # folder all see `unet` itself
+    forward = torch.compile(unet) if config.compile else unet
     losses, first_step, earlier = [], 0, {"loop_seconds": 0.0, "wall_seconds": 0.0}
     if checkpoint_dir is not None:
         # after the pool and the order, which a resumed run rebuilds from the seed as the first run did
@@ -381,7 +390,9 @@ def train_unet(
     # the rate in the progress lines counts the steps of an earlier run too
     loop_start = time.time() - earlier["loop_seconds"]
     progress = tqdm(range(first_step, config.max_train_steps), desc="unet", disable=None)
+    first_step_seconds = None
     for step in progress:
+        step_start = time.time()
         indices = order[step * config.train_batch_size : (step + 1) * config.train_batch_size]
         # every surface-form group, so the base model draws held-out and indirect forms of the restricted concepts
         captions = [caption(scenes[i], rng) for i in indices]
@@ -404,7 +415,7 @@ def train_unet(
         timesteps = timesteps.to(device)
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         with autocast:
-            prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            prediction = forward(noisy_latents, timesteps, encoder_hidden_states).sample
         # the loss in float32, whatever the network ran in
         prediction = prediction.float()
         if config.snr_gamma is None:
@@ -420,6 +431,9 @@ def train_unet(
         if ema is not None:
             ema.step(unet.parameters())
         losses.append(loss.item())
+        if first_step_seconds is None:
+            # with `compile`, the compilation; otherwise the warm-up of the first step
+            first_step_seconds = time.time() - step_start
         progress.set_postfix(loss=f"{loss.item():.4f}")
         log_progress("unet", step, config.max_train_steps, losses, loop_start)
         if step + 1 in snapshot_steps:
@@ -467,6 +481,8 @@ def train_unet(
         "saved_weights": "moving average" if ema is not None else "last",
         "snapshot_steps": list(snapshot_steps),
         "seconds_per_step": loop_seconds / config.max_train_steps,
+        # the first step this run took, included in seconds_per_step
+        "first_step_seconds": first_step_seconds,
         "pool_seconds": round(pool_seconds, 1),
         "uses_per_scene": config.max_train_steps * config.train_batch_size / config.num_scenes,
         "patterned_share": round(patterned_share(scenes), 4),
