@@ -5,8 +5,8 @@ CPU has no native bfloat16, the stages set to bf16 run in float32, and the resul
 `-no-native-bf16`), on pools far smaller than the recipe's (pool size does not change a step's cost), and the
 stage's time is projected as its steps times the measured seconds per step; the pools' rendering and encoding are
 left out. The UNet's first step (its warm-up, or with `--unet-compile` its compilation) is timed apart and counted
-once, the rest per step. The UNet's steps run on the short mini-CLIP and autoencoder just trained, which have the recipe's
-shapes. Prints the figures and, as its last line, `ratio_to_budget=<x>`; writes them to
+once, the rest per step. The UNet's steps run on the short mini-CLIP and autoencoder just trained, which have the
+recipe's shapes. Prints the figures and, as its last line, `ratio_to_budget=<x>`; writes them to
 `benchmarks/results/miniworld_build_time.json`.
 
 A variant of the recipe (`--clip-mixed-precision no|bf16`: the mini-CLIP in float32 or under bfloat16 autocast;
@@ -14,8 +14,7 @@ A variant of the recipe (`--clip-mixed-precision no|bf16`: the mini-CLIP in floa
 `--autoencoder-crop-size 32|none`: the autoencoder trained on 32x32 crops or on whole pictures;
 `--unet-mixed-precision no|bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
 `--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; `--unet-compile`: the
-UNet trained through `torch.compile`; `--autoencoder-batch-size
-N`: pictures per autoencoder step; `--autoencoder-steps N`, `--unet-steps N`: shorter or longer schedules, which
+UNet trained through `torch.compile`; `--autoencoder-batch-size N`: pictures per autoencoder step; `--autoencoder-steps N`, `--unet-steps N`: shorter or longer schedules, which
 change the projection only; an option not given keeps the recipe's setting) is timed together with the recipe
 itself in the same run, and each stage's speed is printed as a ratio to the recipe's; its figures go to
 `miniworld_build_time-<changes>.json`, named by what differs from the recipe. That projects time only: whether a

@@ -132,9 +132,9 @@ DRAWN_SETTINGS = {
 }
 # how long to push: at the demo's settings the unsafe batches' cosine is still 0.98 at step 50 and 0.78 at step 100
 # of the 216, and crosses 0 only near step 155 (the training log of `safetext align`), so the demo stops the
-# alignment mid-way and
-# its outcome hangs on when that crossing happens; a fold, with a fifth fewer prompts, runs 176 steps. Longer
-# alignments let it finish, on both safe sides (with the neighbours it had not left cosine 0.98 by step 216).
+# alignment mid-way and its outcome hangs on when that crossing happens; a fold, with a fifth fewer prompts, runs
+# 176 steps. Longer alignments let it finish, on both safe sides (with the neighbours it had not left cosine 0.98
+# by step 216).
 _NEIGHBOURS = DRAWN_SETTINGS["neighbours"]["neighbours on the safe side"]
 DRAWN_SETTINGS["length"] = {
     "demo": {},

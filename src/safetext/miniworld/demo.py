@@ -57,9 +57,10 @@ def _alignment_defaults() -> AlignmentConfig:
     # 1e-3; 4 epochs cost 10 points of prompt following), so the step is half the fourth build's choice.
     # At 8 epochs that step stopped the alignment soon after the unsafe cosine crossed 0 (near step 155 of 216),
     # with the safe prompts not yet back in place (their loss averages 0.19 over steps 148 to 216 and 0.08 from step
-    # 250 on; the demo's `aligned/logs/train_log.jsonl`): chosen again by length (`--draw --group length --safe-prompts world`, judged on 180 fresh prompts drawn
-    # as miniworld-safe is), 16 epochs removed 96.3% of the left-out forms' stripes against 80.7% at 8, and kept
-    # prompt following (90.0% against the original's 88.9%; 8 epochs 87.2%).
+    # 250 on; the demo's `aligned/logs/train_log.jsonl`). Chosen again by length (`--draw --group length
+    # --safe-prompts world`, judged on 180 fresh prompts drawn as miniworld-safe is), 16 epochs removed 96.3% of the
+    # left-out forms' stripes against 80.7% at 8, and kept prompt following (90.0% against the original's 88.9%;
+    # 8 epochs 87.2%).
     return AlignmentConfig(learning_rate=5e-4, num_train_epochs=16, checkpointing_steps=0, train_embeddings=False)
 
 
