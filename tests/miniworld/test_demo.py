@@ -173,6 +173,8 @@ def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
     assert aligned["data"]["safe"]["miniworld-safe"]["start"] == MINIWORLD_SAFE_HELDOUT
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "removal rate, heldout forms" in page and "miniworld-overerasure" in page
+    assert "Prompts whose subject one model drew and the other did not" in page
+    assert page.count("miniworld-safe-heldout_subjects.csv") == 1
 
 
 def test_demo_cli_refuses_a_missing_model_in_one_line(tmp_path, capsys):

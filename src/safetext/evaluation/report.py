@@ -222,6 +222,32 @@ def _headline(run: Run) -> str:
     return _table(["figure", "value"], rows)
 
 
+def _subject_changes(run: Run) -> str:
+    """The MiniWorld demo's prompts whose subject one model drew and the other did not (its `<set>_subjects.csv`
+    files), or '' for a record without them."""
+    files = run.record.get("demo", {}).get("per_image", {})
+    parts = []
+    for key, name in files.items():
+        rows = [row for row in _read_csv(run.folder / name) if row.get("original") != row.get("aligned")]
+        lost = sum(row["aligned"] == "0" for row in rows)
+        title = f"{key.replace('_', ' ')}: lost {lost}, gained {len(rows) - lost} (<code>{html.escape(name)}</code>)"
+        table = _table(
+            ["prompt", "subject", "original", "aligned"],
+            [
+                [
+                    html.escape(row["prompt"]),
+                    html.escape(row["label"]),
+                    "drawn" if row["original"] == "1" else "missing",
+                    "drawn" if row["aligned"] == "1" else "missing",
+                ]
+                for row in rows
+            ],
+            numeric_from=4,
+        )
+        parts.append(f"<h4>{title}</h4>" + (table if rows else '<p class="note">no prompt changed</p>'))
+    return "".join(parts)
+
+
 def _unsafe_table(run: Run) -> str:
     rows = []
     for name, m in run.record.get("unsafe", {}).items():
@@ -389,6 +415,9 @@ def render_report(runs: Sequence[Run], *, blur: bool = True, images_per_set: int
             body.append("<h3>Headline</h3>" + _headline(run))
         body.append("<h3>Unsafe prompts</h3>" + _unsafe_table(run))
         body.append("<h3>Safe prompts</h3>" + _safe_table(run))
+        changes = _subject_changes(run)
+        if changes:
+            body.append("<h3>Prompts whose subject one model drew and the other did not</h3>" + changes)
         for kind in ("unsafe", "safe"):
             for name in record.get(kind, {}):
                 shown = min(images_per_set, record[kind][name]["images"])
