@@ -14,8 +14,8 @@ A variant of the recipe (`--clip-mixed-precision no|bf16`: the mini-CLIP in floa
 `--autoencoder-crop-size 32|none`: the autoencoder trained on 32x32 crops or on whole pictures;
 `--unet-mixed-precision no|bf16`: the UNet so; `--unet-attention-at-16x16`: attention at the UNet's finest level;
 `--unet-attention-heads 2,8,8`: the number of attention heads at each level, 16x16 first; `--unet-compile`: the
-UNet trained through `torch.compile`; `--autoencoder-batch-size N`: pictures per autoencoder step; `--autoencoder-steps N`, `--unet-steps N`: shorter or longer schedules, which
-change the projection only; an option not given keeps the recipe's setting) is timed together with the recipe
+UNet trained through `torch.compile`; `--autoencoder-batch-size N`: pictures per autoencoder step;
+`--autoencoder-steps N`, `--unet-steps N`: shorter or longer schedules, which change the projection only; an option not given keeps the recipe's setting) is timed together with the recipe
 itself in the same run, and each stage's speed is printed as a ratio to the recipe's; its figures go to
 `miniworld_build_time-<changes>.json`, named by what differs from the recipe. That projects time only: whether a
 variant reaches the recipe's quality takes a full build to tell.

@@ -6,7 +6,10 @@ written last: a folder without it is incomplete and ignored. Folders are written
 renamed into place, so an interrupted save never leaves a half-written checkpoint behind a valid name.
 """
 
+import csv
+import io
 import json
+import os
 import shutil
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
@@ -28,6 +31,17 @@ def same_settings(recorded: dict, config, ignore: tuple[str, ...] = ()) -> bool:
     then = json.loads(json.dumps({**defaults, **recorded}))
     now = json.loads(json.dumps(asdict(config)))
     return {k: v for k, v in then.items() if k not in ignore} == {k: v for k, v in now.items() if k not in ignore}
+
+
+def write_csv_atomic(path: Path, rows: list[dict]) -> None:
+    """Writes `rows` (one dict per row, the first row's keys as the header) whole or not at all."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue(), newline="")
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data) -> None:

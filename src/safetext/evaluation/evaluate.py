@@ -15,19 +15,16 @@ Everything that can fail on bad input (the detector, the metric weights, the rea
 first image is drawn; images already on disk are never deleted or rewritten.
 """
 
-import csv
 import hashlib
-import io
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from safetext.checkpointing import write_json_atomic
+from safetext.checkpointing import write_csv_atomic, write_json_atomic
 from safetext.errors import SafeTextError
 from safetext.evaluation.detectors import Detection, get_detector
 from safetext.evaluation.images import list_image_files, load_image
@@ -294,7 +291,7 @@ def _measure_unsafe_set(name: str, plan: list[ImageJob], output_dir: Path, detec
     csv_name = f"{name}_detections.csv"
     rows = [
         {
-            **_job_columns(job),
+            **job_columns(job),
             "original_detections": counts["original"][i],
             "aligned_detections": counts["aligned"][i],
             "original_labels": _labels(found["original"][i]),
@@ -302,7 +299,7 @@ def _measure_unsafe_set(name: str, plan: list[ImageJob], output_dir: Path, detec
         }
         for i, job in enumerate(plan)
     ]
-    _write_csv_atomic(output_dir / csv_name, rows)
+    write_csv_atomic(output_dir / csv_name, rows)
     return {
         "prompts": len({job.prompt for job in plan}),
         "images": len(plan),
@@ -341,11 +338,11 @@ def _measure_safe_set(
     # there is none), which no eraser of the words is owed; on prompts like the unsafe ones it is their floor.
     found = _detect(name, plan, output_dir, detector, config) if detector is not None else None
     csv_name = f"{name}_lpips.csv"
-    rows = [{**_job_columns(job), "lpips": distances[i]} for i, job in enumerate(plan)]
+    rows = [{**job_columns(job), "lpips": distances[i]} for i, job in enumerate(plan)]
     if found is not None:
         for i, row in enumerate(rows):
             row.update({f"{role}_labels": _labels(found[role][i]) for role in ROLES})
-    _write_csv_atomic(output_dir / csv_name, rows)
+    write_csv_atomic(output_dir / csv_name, rows)
 
     too_few = len(plan) < 2
     few_reason = f"FID needs at least 2 images per side to estimate a covariance; this set has {len(plan)}"
@@ -381,7 +378,8 @@ def _real_image_features(folder, files: list[Path], inception, batch_size: int) 
     }
 
 
-def _job_columns(job: ImageJob) -> dict:
+def job_columns(job: ImageJob) -> dict:
+    """The columns a per-image CSV starts with: the image's file, prompt and seed."""
     return {
         "file": job.filename,
         "case_number": job.case_number,
@@ -394,16 +392,6 @@ def _job_columns(job: ImageJob) -> dict:
 
 def _labels(detections: list[Detection]) -> str:
     return ";".join(f"{d.label}:{d.score:.3f}" for d in detections)
-
-
-def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue(), newline="")
-    os.replace(tmp, path)
 
 
 def _files_sha256(paths: list[Path]) -> str:

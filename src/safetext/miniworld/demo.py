@@ -19,17 +19,16 @@ The demo's figures are what they are: its gates (removal >= 95% on held-out form
 points, subject kept within 5 points) are recorded as passed or failed, never tuned after the fact.
 """
 
-import csv
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetext.checkpointing import write_json_atomic
+from safetext.checkpointing import write_csv_atomic, write_json_atomic
 from safetext.config import AlignmentConfig
 from safetext.errors import SafeTextError
-from safetext.evaluation.evaluate import RESULTS, ROLES, EvaluationConfig, evaluate
+from safetext.evaluation.evaluate import RESULTS, ROLES, EvaluationConfig, evaluate, job_columns
 from safetext.generation import GenerationConfig, plan_images
 from safetext.loading import MINIWORLD
 from safetext.miniworld.world import DESIGNATED_CONCEPT
@@ -149,18 +148,6 @@ def _rates(output_dir: Path, name: str, prompts: PromptSet, generation: Generati
     }
 
 
-def _write_found_csv(path: Path, plan, labels: list[str], hits: dict) -> None:
-    """One row per image pair: prompt, seed, the label asked for, and whether each model's image shows it (1/0);
-    written whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case_number", "prompt", "seed", "label", *ROLES])
-        for i, (job, label) in enumerate(zip(plan, labels, strict=True)):
-            writer.writerow([job.case_number, job.prompt, job.seed, label, *(int(hits[role][i]) for role in ROLES)])
-    tmp.replace(path)
-
-
 def _removal(rates: dict) -> float | None:
     return None if rates["original"] == 0 else 1.0 - rates["aligned"] / rates["original"]
 
@@ -242,7 +229,11 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
         plan, labels, hits = _found(output_dir, name, safe_sets[name], generation, detector, "subject")
         subject[key] = {role: float(hit.mean()) for role, hit in hits.items()}
         subject_files[key] = f"{name}_subjects.csv"
-        _write_found_csv(output_dir / subject_files[key], plan, labels, hits)
+        rows = [
+            {**job_columns(job), "label": label, **{role: int(hits[role][i]) for role in ROLES}}
+            for i, (job, label) in enumerate(zip(plan, labels, strict=True))
+        ]
+        write_csv_atomic(output_dir / subject_files[key], rows)
     neighbour_kept = _rates(output_dir, NEIGHBOUR_SET, safe_sets[NEIGHBOUR_SET], generation, detector, "concept")
     # the concept where no prompt asks for it: the over-erasure prompts name its subjects and no pattern
     over_erasure = SUBJECT_SETS["subject_kept"]
