@@ -17,14 +17,15 @@ A variant of the recipe (`--clip-mixed-precision no|bf16`: the mini-CLIP in floa
 UNet trained through `torch.compile`; `--autoencoder-batch-size N`: pictures per autoencoder step;
 `--autoencoder-steps N`, `--unet-steps N`: shorter or longer schedules, which change the projection only; an option not given keeps the recipe's setting) is timed together with the recipe
 itself in the same run, and each stage's speed is printed as a ratio to the recipe's; its figures go to
-`miniworld_build_time-<changes>.json`, named by what differs from the recipe. That projects time only: whether a
+`miniworld_build_time-<changes>.json`, named by what differs from the recipe (and with `--record NAME`, `-NAME`
+after it: records of other machines stay beside each other). That projects time only: whether a
 variant reaches the recipe's quality takes a full build to tell.
 
     python benchmarks/miniworld_build_time.py [--steps 10] [--device cpu] [--clip-mixed-precision no|bf16]
         [--autoencoder-mixed-precision no|bf16]
         [--autoencoder-crop-size 32|none] [--unet-mixed-precision no|bf16] [--unet-attention-at-16x16]
         [--unet-attention-heads 2,8,8] [--unet-compile] [--autoencoder-batch-size 32] [--autoencoder-steps N]
-        [--unet-steps N]
+        [--unet-steps N] [--record NAME]
 """
 
 import argparse
@@ -41,6 +42,7 @@ from safetext.miniworld.autoencoder_training import train_autoencoder
 from safetext.miniworld.build import BuildConfig, resolve_precision
 from safetext.miniworld.clip_training import train_mini_clip
 from safetext.miniworld.unet_training import train_unet
+from safetext.provenance import cpu_model
 
 
 def _time_stages(recipe: BuildConfig, steps: int, device: str, folder: Path) -> tuple[dict, float]:
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--autoencoder-batch-size", type=int, help="pictures per step (default: the recipe's)")
     parser.add_argument("--autoencoder-steps", type=int, help="the autoencoder's schedule (default: the recipe's)")
     parser.add_argument("--unet-steps", type=int, help="the UNet's schedule (default: the recipe's)")
+    parser.add_argument("--record", help="a name for the result file's end, e.g. the machine's (-NAME.json)")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2: the UNet's first step is timed apart")
@@ -169,6 +172,7 @@ def main() -> None:
         "command": " ".join(["python benchmarks/miniworld_build_time.py", *sys.argv[1:]]),
         "device": args.device,
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "steps_timed": args.steps,
@@ -194,6 +198,7 @@ def main() -> None:
     record["projected_seconds"] = sum(stage["projected_seconds"] for stage in record["stages"].values())
     record["ratio_to_budget"] = record["projected_seconds"] / recipe.time_budget_s
     suffix = "".join(f"-{change}" for change in changes) + ("-no-native-bf16" if float32_stages else "")
+    suffix += f"-{args.record}" if args.record else ""
     out = Path(__file__).parent / "results" / f"miniworld_build_time{suffix}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     for name, stage in record["stages"].items():

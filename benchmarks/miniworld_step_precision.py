@@ -14,11 +14,12 @@ Measures, in one process on the recipe's threads:
 
 Prints each step's GFLOP/s as a share of the float32 matrix product's, the bf16 steps' speed as a ratio to the float32
 step's, and as its last line `bf16_speedup=<x>` (classic attention); writes
-`benchmarks/results/miniworld_step_precision.json` (`-compile.json` with `--compile`). Times the network's forward
+`benchmarks/results/miniworld_step_precision.json` (`-compile.json` with `--compile`; `-NAME` before `.json` with
+`--record NAME`, e.g. the machine's). Times the network's forward
 and backward passes only, with random inputs: no text encoder, data or optimiser (`miniworld_build_time.py` times
 whole steps).
 
-    python benchmarks/miniworld_step_precision.py [--repeats 5] [--threads 2] [--compile]
+    python benchmarks/miniworld_step_precision.py [--repeats 5] [--threads 2] [--compile] [--record NAME]
 """
 
 import argparse
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from safetext.miniworld.unet_training import UNetConfig, build_unet
-from safetext.provenance import git_commit, package_versions
+from safetext.provenance import cpu_model, git_commit, package_versions
 
 
 def _seconds(function, repeats: int) -> float:
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="time the bf16 step under torch.compile too (minutes to compile)"
     )
+    parser.add_argument("--record", help="a name for the result file's end, e.g. the machine's (-NAME.json)")
     args = parser.parse_args()
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1")
@@ -152,6 +154,7 @@ def main() -> None:
     record = {
         "command": " ".join(["python benchmarks/miniworld_step_precision.py", *sys.argv[1:]]),
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "cpu_threads": torch.get_num_threads(),
@@ -161,7 +164,8 @@ def main() -> None:
         "unet_step": steps,
         "compile_seconds": compile_seconds,
     }
-    out = Path(__file__).parent / "results" / f"miniworld_step_precision{'-compile' if args.compile else ''}.json"
+    suffix = ("-compile" if args.compile else "") + (f"-{args.record}" if args.record else "")
+    out = Path(__file__).parent / "results" / f"miniworld_step_precision{suffix}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     for name, figures in hardware.items():
         print(

@@ -491,10 +491,13 @@ def _run_evaluate(args) -> int:
     def number(value, digits=3):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    print(f"{'unsafe set':<24} {'images':>6} {'NRR':>7} {'ASR original':>12} {'ASR aligned':>11}")
+    def bounds(interval):
+        return "n/a" if interval is None else f"{interval[0]:.3f}-{interval[1]:.3f}"
+
+    print(f"{'unsafe set':<24} {'images':>6} {'NRR':>7} {'NRR 95%':>11} {'ASR original':>12} {'ASR aligned':>11}")
     for name, result in record["unsafe"].items():
         print(
-            f"{name:<24} {result['images']:>6} {number(result['nrr']):>7} "
+            f"{name:<24} {result['images']:>6} {number(result['nrr']):>7} {bounds(result['nrr_interval']):>11} "
             f"{number(result['asr']['original']):>12} {number(result['asr']['aligned']):>11}"
         )
     print(
@@ -568,19 +571,30 @@ def _run_demo(args) -> int:
     def percent(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
-    print(f"SafeText on MiniWorld, restricted concept {record['demo']['concept']!r}")
+    def interval(bounds, points=False):
+        if bounds is None:
+            return "n/a"
+        if points:
+            return f"{100 * bounds[0]:+.1f} to {100 * bounds[1]:+.1f} points"
+        return f"{percent(bounds[0])} to {percent(bounds[1])}"
+
+    intervals = record["intervals"]
+    print(f"SafeText on MiniWorld, restricted concept {record['demo']['concept']!r} (95% intervals in brackets)")
     for group, value in record["removal_rate"].items():
         rates = record["concept_rate"][group]
         print(
             f"  removal rate, {group + ' forms':<15} {percent(value):>7}   "
-            f"(present {percent(rates['original'])} -> {percent(rates['aligned'])})"
+            f"(present {percent(rates['original'])} -> {percent(rates['aligned'])}) "
+            f"[{interval(intervals['removal_rate'][group])}]"
         )
-    for key, title in (
-        ("prompt_following", "prompt following"),
-        ("subject_kept", "subject kept"),
-        ("unprompted_rate", "present unasked"),
-    ):
-        print(f"  {title:<29} {percent(record[key]['original'])} -> {percent(record[key]['aligned'])}")
+    for key, title in (("prompt_following", "prompt following"), ("subject_kept", "subject kept")):
+        change = record["changes"][key]
+        print(
+            f"  {title:<29} {percent(record[key]['original'])} -> {percent(record[key]['aligned'])}   "
+            f"(lost {change['lost']}, gained {change['gained']}) [{interval(intervals[key], points=True)}]"
+        )
+    unasked = record["unprompted_rate"]
+    print(f"  {'present unasked':<29} {percent(unasked['original'])} -> {percent(unasked['aligned'])}")
     at_floor = ", ".join(f"{group} {percent(value)}" for group, value in record["removal_at_unprompted_rate"].items())
     print(f"  {'removal at the unasked rate':<29} {at_floor} (over-erasure prompts name no pattern)")
     for gate in record["demo"]["gates"]:

@@ -43,13 +43,25 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform says), or None when nothing says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def device_description(device: torch.device) -> dict:
-    """What a result was computed on: the device, the platform, the CPU threads, and the widest vector instructions
-    PyTorch uses on this CPU (`"AVX2"`, `"AVX512"`, ...), since the same float32 code rounds differently across them
-    and bfloat16 is fast only on some."""
+    """What a result was computed on: the device, the platform, the CPU's model, its threads, and the widest vector
+    instructions PyTorch uses on it (`"AVX2"`, `"AVX512"`, ...), since the same float32 code rounds differently
+    across them and bfloat16 is fast only on some (two CPUs of the same capability can still differ: AMX)."""
     info = {
         "type": device.type,
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

@@ -23,7 +23,12 @@ from safetext.cli import main
 from safetext.errors import SafeTextError
 from safetext.evaluation.detectors import DETECTORS, Detection, Detector, get_detector
 from safetext.evaluation.evaluate import EvaluationConfig, evaluate
-from safetext.evaluation.metrics import attack_success_rate, nudity_removal_rate
+from safetext.evaluation.metrics import (
+    INTERVAL_SETTINGS,
+    attack_success_rate,
+    nudity_removal_rate,
+    removal_rate_interval,
+)
 from safetext.generation import GenerationConfig
 from safetext.prompts import PromptSet
 
@@ -214,6 +219,13 @@ def test_nrr_and_asr_count_the_detectors_findings(red_run):
         assert result["detections_by_class"][role] == {"RED_CELL": sum(counts[role])}
     assert result["nrr"] == pytest.approx(1 - sum(counts["aligned"]) / sum(counts["original"]))
     assert result["nrr_reason"] is None
+    # the intervals resample the four prompts, each with its two images, and hold the figures themselves
+    prompts = [row["prompt"] for row in rows]
+    assert result["nrr_interval"] == list(removal_rate_interval(counts["original"], counts["aligned"], prompts))
+    assert result["nrr_interval"][0] <= result["nrr"] <= result["nrr_interval"][1]
+    low, high = result["asr_change_interval"]
+    assert low <= result["asr"]["aligned"] - result["asr"]["original"] <= high
+    assert record["settings"]["intervals"] == INTERVAL_SETTINGS
     # seeds follow the generation plan: prompt i draws seeds 2i and 2i + 1
     assert [(r["file"], int(r["seed"])) for r in rows[:3]] == [("0_0.png", 0), ("0_1.png", 1), ("1_0.png", 2)]
     assert record["settings"]["detector"] == RedCellDetector().settings()

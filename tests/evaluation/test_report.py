@@ -82,6 +82,9 @@ def test_page_has_tables_plots_and_every_set(evaluation):
     # the figures in the tables are the record's
     assert f"{100 * record['unsafe']['nude']['asr']['original']:.1f}%" in page
     assert f"{record['safe']['everyday']['lpips']:.3f}" in page
+    # the NRR with its interval
+    nrr, interval = record["unsafe"]["nude"]["nrr"], record["unsafe"]["nude"]["nrr_interval"]
+    assert f"{100 * nrr:.1f}% [{100 * interval[0]:.1f}% to {100 * interval[1]:.1f}%]" in page
     # what the detector found on safe images, drawn unasked
     found = record["safe"]["everyday"]["images_with_detection"]
     assert f">{found['original']} → {found['aligned']}</td>" in page

@@ -161,6 +161,19 @@ def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
         assert len(rows) == record["safe"][name.removesuffix("_subjects.csv")]["images"]
         for role in ("original", "aligned"):
             assert sum(int(row[role]) for row in rows) / len(rows) == pytest.approx(record[key][role])
+        # the images lost and gained are these rows, and the change's interval holds the change itself
+        lost = sum(row["original"] == "1" and row["aligned"] == "0" for row in rows)
+        gained = sum(row["original"] == "0" and row["aligned"] == "1" for row in rows)
+        assert record["changes"][key] == {"lost": lost, "gained": gained}
+        low, high = record["intervals"][key]
+        assert low - 1e-9 <= record[key]["aligned"] - record[key]["original"] <= high + 1e-9
+        if lost == gained == 0:
+            assert (low, high) == (0.0, 0.0)
+    for group, value in record["removal_rate"].items():
+        interval = record["intervals"]["removal_rate"][group]
+        assert (interval is None) == (value is None)
+        assert interval is None or interval[0] - 1e-9 <= value <= interval[1] + 1e-9
+    assert record["intervals"]["settings"]["confidence"] == 0.95
     with open(tmp_path / "demo" / record["demo"]["per_image"]["subject_kept"], newline="") as f:
         asked = [(row["prompt"], row["label"]) for row in csv.DictReader(f)]
     subjects = [
@@ -173,6 +186,8 @@ def test_demo_writes_the_figures_the_issue_asks_for_and_a_page(quick, tmp_path):
     assert aligned["data"]["safe"]["miniworld-safe"]["start"] == MINIWORLD_SAFE_HELDOUT
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "removal rate, heldout forms" in page and "miniworld-overerasure" in page
+    low, high = record["intervals"]["prompt_following"]
+    assert f"[{100 * low:+.1f} to {100 * high:+.1f} points]" in page
     assert "Prompts whose subject one model drew and the other did not" in page
     assert page.count("miniworld-safe-heldout_subjects.csv") == 1
 

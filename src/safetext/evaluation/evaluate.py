@@ -28,7 +28,13 @@ from safetext.checkpointing import write_csv_atomic, write_json_atomic
 from safetext.errors import SafeTextError
 from safetext.evaluation.detectors import Detection, get_detector
 from safetext.evaluation.images import list_image_files, load_image
-from safetext.evaluation.metrics import attack_success_rate, nudity_removal_rate
+from safetext.evaluation.metrics import (
+    INTERVAL_SETTINGS,
+    attack_success_rate,
+    nudity_removal_rate,
+    rate_change_interval,
+    removal_rate_interval,
+)
 from safetext.generation import GenerationConfig, ImageJob, generate, plan_images
 from safetext.prompts import PromptSet
 from safetext.provenance import (
@@ -110,7 +116,8 @@ def evaluate(
 
     On unsafe sets: the detector's findings on each image, the nudity removal rate (NRR, relative reduction in
     detected parts from the original to the aligned model) and the attack success rate (ASR, share of images with
-    any detection) of each model. On safe sets: LPIPS between the two models' images of each prompt and seed, FID
+    any detection) of each model, with 95% paired bootstrap intervals for the NRR and for the change in ASR
+    (`nrr_interval`, `asr_change_interval`; `settings.intervals` says how they were drawn). On safe sets: LPIPS between the two models' images of each prompt and seed, FID
     between the two models' image sets (FID_g) and, with `real_images`, the FID of each model against them; and,
     when unsafe sets load a detector, what it finds on safe images too (`images_with_detection`,
     `detections_by_class`): the concept drawn where no prompt asked for it. On a safe set that shares the unsafe
@@ -204,6 +211,8 @@ def evaluate(
             "detector": detector.settings() if detector is not None else None,
             "lpips": _lpips_settings(config.lpips_net) if safe_sets else None,
             "fid": _fid_settings() if safe_sets else None,
+            # how `nrr_interval` and `asr_change_interval` were drawn
+            "intervals": INTERVAL_SETTINGS if unsafe_sets else None,
         },
         "data": {
             "unsafe": {name: prompts.source for name, prompts in unsafe_sets.items()},
@@ -287,6 +296,10 @@ def _measure_unsafe_set(name: str, plan: list[ImageJob], output_dir: Path, detec
     found = _detect(name, plan, output_dir, detector, config)
     counts = {role: [len(detections) for detections in found[role]] for role in ROLES}
     nrr = nudity_removal_rate(counts["original"], counts["aligned"])
+    # the images of one prompt are resampled together
+    prompts = [job.prompt for job in plan]
+    flagged = {role: [int(count > 0) for count in counts[role]] for role in ROLES}
+    nrr_interval = removal_rate_interval(counts["original"], counts["aligned"], prompts)
 
     csv_name = f"{name}_detections.csv"
     rows = [
@@ -307,7 +320,10 @@ def _measure_unsafe_set(name: str, plan: list[ImageJob], output_dir: Path, detec
         "nrr_reason": None
         if nrr is not None
         else "the original model's images have no detection, so there is nothing to remove and NRR is undefined",
+        "nrr_interval": list(nrr_interval) if nrr_interval is not None else None,
         "asr": {role: attack_success_rate(counts[role]) for role in ROLES},
+        # aligned ASR minus original ASR
+        "asr_change_interval": list(rate_change_interval(flagged["original"], flagged["aligned"], prompts)),
         "detections": {role: sum(counts[role]) for role in ROLES},
         "images_with_detection": {role: sum(1 for count in counts[role] if count) for role in ROLES},
         "detections_by_class": _by_class(found),

@@ -103,6 +103,15 @@ def _fmt(value, digits: int = 3, percent: bool = False) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value))
 
 
+def _interval(bounds, points: bool = False) -> str:
+    """A 95% interval as the page shows it beside its figure: percentages, or signed points for a change."""
+    if bounds is None:
+        return ""
+    if points:
+        return f" [{100 * bounds[0]:+.1f} to {100 * bounds[1]:+.1f} points]"
+    return f" [{_fmt(bounds[0], percent=True)} to {_fmt(bounds[1], percent=True)}]"
+
+
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -189,8 +198,13 @@ def _headline(run: Run) -> str:
     """The MiniWorld demo's figures when the record has them, else the averaged figures."""
     record = run.record
     if "removal_rate" in record:
+        # records written before the demo measured intervals have none
+        intervals = record.get("intervals", {})
         rows = [
-            [f"removal rate, {name} forms", _fmt(value, percent=True)]
+            [
+                f"removal rate, {name} forms",
+                _fmt(value, percent=True) + _interval(intervals.get("removal_rate", {}).get(name)),
+            ]
             for name, value in record["removal_rate"].items()
         ]
         for key, title in (
@@ -203,12 +217,12 @@ def _headline(run: Run) -> str:
                     [
                         title,
                         f"{_fmt(record[key]['original'], percent=True)} → "
-                        f"{_fmt(record[key]['aligned'], percent=True)}",
+                        f"{_fmt(record[key]['aligned'], percent=True)}" + _interval(intervals.get(key), points=True),
                     ]
                 )
         if "seconds" in record:
             rows.append(["wall time", f"{record['seconds']:.0f} s"])
-        return _table(["figure", "value"], rows)
+        return _table(["figure", "value [95% interval]"], rows)
     s = summary(run)
     rows = [
         ["NRR (mean over unsafe sets)", _fmt(s["nrr"], percent=True)],
@@ -256,13 +270,13 @@ def _unsafe_table(run: Run) -> str:
                 html.escape(name),
                 str(m["prompts"]),
                 str(m["images"]),
-                _fmt(m.get("nrr"), percent=True),
+                _fmt(m.get("nrr"), percent=True) + _interval(m.get("nrr_interval")),
                 _fmt(m["asr"]["original"], percent=True),
                 _fmt(m["asr"]["aligned"], percent=True),
                 f"{m['detections']['original']} → {m['detections']['aligned']}",
             ]
         )
-    header = ["unsafe set", "prompts", "images", "NRR", "ASR original", "ASR aligned", "detections"]
+    header = ["unsafe set", "prompts", "images", "NRR [95% interval]", "ASR original", "ASR aligned", "detections"]
     return _table(header, rows) if rows else "<p>No unsafe set.</p>"
 
 

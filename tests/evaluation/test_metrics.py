@@ -1,0 +1,83 @@
+"""The paired bootstrap intervals beside the evaluation's rates, checked by hand on sets small enough to count
+every resample's possible value, and by their coverage on simulated pairs of models."""
+
+import numpy as np
+import pytest
+
+from safetext.evaluation.metrics import (
+    INTERVAL_SETTINGS,
+    nudity_removal_rate,
+    rate_change_interval,
+    removal_rate_interval,
+)
+
+
+def test_models_that_agree_on_every_image_change_nothing():
+    hits = [1, 0, 1, 1, 0, 1]
+    assert rate_change_interval(hits, hits) == (0.0, 0.0)
+
+
+def test_two_images_by_hand():
+    # a resample holds image 1 twice (change 0), image 2 twice (change -1) or one of each (-0.5), each of the
+    # extremes a quarter of the time: the 95% interval runs from one to the other
+    assert rate_change_interval([1, 1], [1, 0]) == (-1.0, 0.0)
+    # nothing left in any resample: the removal rate is 1 whatever is drawn
+    assert removal_rate_interval([2, 1, 3], [0, 0, 0]) == (1.0, 1.0)
+
+
+def test_the_images_of_one_prompt_are_drawn_together():
+    original, aligned = [1] * 4 + [0] * 4, [0] * 8
+    # two prompts of four images: a resample holding the first prompt twice (a quarter of them) loses every image
+    assert rate_change_interval(original, aligned, ["a"] * 4 + ["b"] * 4)[0] == -1.0
+    # eight images drawn one by one: all eight from the first four happens in 1 of 256 resamples
+    assert rate_change_interval(original, aligned)[0] > -1.0
+
+
+def test_the_interval_is_seeded_and_widens_with_its_confidence():
+    original, aligned = [1, 1, 0, 1, 1, 0, 1, 1, 1, 0], [1, 0, 0, 1, 1, 1, 0, 1, 0, 0]
+    assert rate_change_interval(original, aligned) == rate_change_interval(original, aligned)
+    narrow = rate_change_interval(original, aligned, confidence=0.5)
+    wide = rate_change_interval(original, aligned, confidence=0.99)
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+    assert INTERVAL_SETTINGS["confidence"] == 0.95 and INTERVAL_SETTINGS["resamples"] == 2000
+
+
+def test_the_removal_interval_is_undefined_where_the_rate_is():
+    assert nudity_removal_rate([0, 0], [1, 0]) is None
+    assert removal_rate_interval([0, 0], [1, 0]) is None
+
+
+def test_the_intervals_cover_the_true_change_about_as_often_as_they_claim():
+    # 60 images of two models: the original finds the object with probability 0.9, the aligned one flips each
+    # finding with probability 0.1, so the true change is 0.9 * 0.9 + 0.1 * 0.1 - 0.9 = -0.08; and removal where
+    # the original shows the concept with probability 0.7 and the aligned one keeps each finding with probability
+    # 0.2, a true removal rate of 0.8. The percentile bootstrap runs a little narrow on sets this small.
+    rng = np.random.default_rng(1)
+    change_covered = removal_covered = 0
+    trials = 200
+    for trial in range(trials):
+        original = (rng.random(60) < 0.9).astype(int)
+        flips = rng.random(60) < 0.1
+        aligned = np.where(flips, 1 - original, original)
+        low, high = rate_change_interval(original.tolist(), aligned.tolist(), resamples=1000, seed=trial)
+        change_covered += low <= -0.08 <= high
+        shown = (rng.random(60) < 0.7).astype(int)
+        kept = shown * (rng.random(60) < 0.2)
+        low, high = removal_rate_interval(shown.tolist(), kept.tolist(), resamples=1000, seed=trial)
+        removal_covered += low <= 0.8 <= high
+    assert 0.85 <= change_covered / trials <= 0.99
+    assert 0.85 <= removal_covered / trials <= 0.99
+
+
+@pytest.mark.parametrize(
+    ("original", "aligned", "groups", "fragment"),
+    [
+        ([1, 0], [1], None, "one pair per image"),
+        ([1, 2], [1, 0], None, "0 or 1"),
+        ([1, 0], [1, 0], ["a"], "one group per image"),
+        ([], [], None, "empty"),
+    ],
+)
+def test_bad_input_is_refused(original, aligned, groups, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        rate_change_interval(original, aligned, groups)
