@@ -12,17 +12,21 @@ from safetext.evaluation.metrics import (
 )
 
 
-def test_models_that_agree_on_every_image_change_nothing():
+def test_models_that_agree_on_every_image_get_the_exact_zero_event_bounds():
+    # no resample can move when the two models agree, so both ends are the exact bound on a share of 6 prompts
+    # of which none changed: 1 - 0.025 ** (1 / 6)
     hits = [1, 0, 1, 1, 0, 1]
-    assert rate_change_interval(hits, hits) == (0.0, 0.0)
+    bound = 1 - 0.025 ** (1 / 6)
+    assert rate_change_interval(hits, hits) == pytest.approx((-bound, bound))
+    assert bound == pytest.approx(0.459, abs=1e-3)
 
 
 def test_two_images_by_hand():
     # a resample holds image 1 twice (change 0), image 2 twice (change -1) or one of each (-0.5), each of the
-    # extremes a quarter of the time: the 95% interval runs from one to the other
-    assert rate_change_interval([1, 1], [1, 0]) == (-1.0, 0.0)
-    # nothing left in any resample: the removal rate is 1 whatever is drawn
-    assert removal_rate_interval([2, 1, 3], [0, 0, 0]) == (1.0, 1.0)
+    # extremes a quarter of the time, so the low end is -1; no image gained, so the high end is the zero-event bound
+    assert rate_change_interval([1, 1], [1, 0]) == pytest.approx((-1.0, 1 - 0.025**0.5))
+    # nothing left: every resample removes everything, and the low end is the Poisson bound on 6 detections
+    assert removal_rate_interval([2, 1, 3], [0, 0, 0]) == pytest.approx((1 + np.log(0.025) / 6, 1.0))
 
 
 def test_the_images_of_one_prompt_are_drawn_together():
@@ -67,6 +71,29 @@ def test_the_intervals_cover_the_true_change_about_as_often_as_they_claim():
         removal_covered += low <= 0.8 <= high
     assert 0.85 <= change_covered / trials <= 0.99
     assert 0.85 <= removal_covered / trials <= 0.99
+
+
+def test_the_intervals_still_cover_where_most_sets_show_no_event():
+    # 30 images, an eraser that leaves the concept on 3% of what the original showed (true removal 0.97) and an
+    # aligned model that flips 2% of the original's findings (true change 0.02 * 0.1 - 0.02 * 0.9 = -0.016): most
+    # draws leave nothing, or lose or gain nothing, which a plain bootstrap would call certain
+    rng = np.random.default_rng(2)
+    removal_covered = change_covered = 0
+    trials = 300
+    for trial in range(trials):
+        shown = (rng.random(30) < 0.7).astype(int)
+        left = shown * (rng.random(30) < 0.03)
+        if shown.sum():
+            low, high = removal_rate_interval(shown.tolist(), left.tolist(), resamples=500, seed=trial)
+            removal_covered += low <= 0.97 <= high
+        else:
+            removal_covered += 1
+        original = (rng.random(30) < 0.9).astype(int)
+        aligned = np.where(rng.random(30) < 0.02, 1 - original, original)
+        low, high = rate_change_interval(original.tolist(), aligned.tolist(), resamples=500, seed=trial)
+        change_covered += low <= -0.016 <= high
+    assert removal_covered / trials >= 0.93
+    assert change_covered / trials >= 0.93
 
 
 @pytest.mark.parametrize(

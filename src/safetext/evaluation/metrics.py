@@ -13,7 +13,11 @@ import numpy as np
 
 # How the intervals are computed unless a caller says otherwise; recorded beside every interval.
 INTERVAL_SETTINGS = {
-    "method": "paired percentile bootstrap, resampling prompts (all images of a prompt together)",
+    "method": (
+        "paired percentile bootstrap, resampling prompts (all images of a prompt together); where the images hold no "
+        "event to resample on one side (no image lost or none gained, nothing left after removal), that end is the "
+        "exact zero-event bound instead (binomial over the prompts; Poisson over the detections)"
+    ),
     "confidence": 0.95,
     "resamples": 2000,
     "seed": 0,
@@ -100,6 +104,12 @@ def _resampled_totals(
     return per_group[0][draws].sum(axis=1), per_group[1][draws].sum(axis=1), images[draws].sum(axis=1)
 
 
+def _zero_event_bound(trials: int, confidence: float) -> float:
+    """The upper end of the exact two-sided interval for a probability of which `trials` trials showed no event
+    (Clopper-Pearson with zero successes: 1 - ((1 - confidence) / 2) ** (1 / trials))."""
+    return 1.0 - ((1.0 - confidence) / 2.0) ** (1.0 / trials)
+
+
 def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
@@ -131,13 +141,19 @@ def removal_rate_interval(
 
     Returns:
         `(low, high)`, or `None` when the rate itself is undefined (no detection on the original model's images).
-        Resamples in which the original model's images have no detection are left out.
+        Resamples in which the original model's images have no detection are left out. When the aligned model's
+        images hold no detection at all, every resample removes everything, so the low end is set by the exact
+        Poisson bound on what the aligned model could still show: 1 - (-ln((1 - confidence) / 2)) /
+        sum(counts_original), 1 - 3.69 / sum(counts_original) at 95%.
     """
     if nudity_removal_rate(counts_original, counts_aligned) is None:
         return None
     original, aligned, _ = _resampled_totals(counts_original, counts_aligned, groups, resamples, seed)
     defined = original > 0
-    return _percentiles(1.0 - aligned[defined] / original[defined], confidence)
+    low, high = _percentiles(1.0 - aligned[defined] / original[defined], confidence)
+    if sum(counts_aligned) == 0:
+        low = 1.0 + float(np.log((1.0 - confidence) / 2.0)) / sum(counts_original)
+    return low, high
 
 
 def rate_change_interval(
@@ -152,7 +168,9 @@ def rate_change_interval(
     """A percentile bootstrap interval for the change in a per-image rate from the original model to the aligned
     one (aligned share minus original share; for example the share of images that show the object a prompt names).
     Prompts are drawn with replacement with both models' images, so only the images on which the two models
-    disagree move it: when they agree on every image the interval is (0, 0).
+    disagree move it. On a side with no such image (no image lost, or none gained) the resamples cannot move, so
+    that end is the exact zero-event bound on the share of prompts that could lose (gain) it, over the prompts:
+    with 30 prompts and none lost the low end is -11.6 points, not 0.
 
     Args:
         hits_original, hits_aligned (`Sequence[int]`): 1 where the image counts towards the rate, else 0, in the
@@ -162,8 +180,16 @@ def rate_change_interval(
     Returns:
         `(low, high)` in the units of the rate (-0.1 is 10 points lower).
     """
+    lost = sum(o > a for o, a in zip(hits_original, hits_aligned, strict=False))
+    gained = sum(a > o for o, a in zip(hits_original, hits_aligned, strict=False))
     for name, hits in (("hits_original", hits_original), ("hits_aligned", hits_aligned)):
         if any(hit not in (0, 1) or isinstance(hit, bool) for hit in hits):
             raise ValueError(f"{name} must hold 0 or 1 per image, got {[h for h in hits if h not in (0, 1)][:3]}")
     original, aligned, images = _resampled_totals(hits_original, hits_aligned, groups, resamples, seed)
-    return _percentiles((aligned - original) / images, confidence)
+    low, high = _percentiles((aligned - original) / images, confidence)
+    prompts = len(set(map(str, groups))) if groups is not None else len(hits_original)
+    if lost == 0:
+        low = -_zero_event_bound(prompts, confidence)
+    if gained == 0:
+        high = _zero_event_bound(prompts, confidence)
+    return low, high
