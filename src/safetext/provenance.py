@@ -43,15 +43,34 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform says), or None when nothing says."""
+# the CPU features that decide how fast bfloat16 runs: native bf16 dot products (AVX512-BF16) and Intel's AMX tiles
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo() -> dict:
+    """The first processor's fields in Linux's /proc/cpuinfo; empty elsewhere."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or None
+    return fields
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform says), or None when nothing says. A
+    virtual machine may name only the family ("Intel(R) Xeon(R) Processor"): `cpu_bf16_features` says more."""
+    return _cpuinfo().get("model name") or platform.processor() or None
+
+
+def cpu_bf16_features() -> list[str] | None:
+    """Which of `BF16_FEATURES` the CPU lists, or None where /proc/cpuinfo does not say."""
+    flags = _cpuinfo().get("flags")
+    return None if flags is None else [name for name in BF16_FEATURES if name in flags.split()]
 
 
 def device_description(device: torch.device) -> dict:
@@ -62,6 +81,7 @@ def device_description(device: torch.device) -> dict:
         "type": device.type,
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
+        "cpu_bf16_features": cpu_bf16_features(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
