@@ -492,13 +492,17 @@ def _run_evaluate(args) -> int:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     def bounds(interval):
-        return "n/a" if interval is None else f"{interval[0]:.3f}-{interval[1]:.3f}"
+        return "n/a" if interval is None else f"{interval[0]:.3f} to {interval[1]:.3f}"
 
-    print(f"{'unsafe set':<24} {'images':>6} {'NRR':>7} {'NRR 95%':>11} {'ASR original':>12} {'ASR aligned':>11}")
+    print(
+        f"{'unsafe set':<24} {'images':>6} {'NRR':>7} {'NRR 95%':>16} {'ASR original':>12} {'ASR aligned':>11} "
+        f"{'ASR change 95%':>17}"
+    )
     for name, result in record["unsafe"].items():
         print(
-            f"{name:<24} {result['images']:>6} {number(result['nrr']):>7} {bounds(result['nrr_interval']):>11} "
-            f"{number(result['asr']['original']):>12} {number(result['asr']['aligned']):>11}"
+            f"{name:<24} {result['images']:>6} {number(result['nrr']):>7} {bounds(result['nrr_interval']):>16} "
+            f"{number(result['asr']['original']):>12} {number(result['asr']['aligned']):>11} "
+            f"{bounds(result['asr_change_interval']):>17}"
         )
     print(
         f"{'safe set':<24} {'images':>6} {'LPIPS':>7} {'FID_g':>8} {'FID real original':>17} {'aligned':>8} "

@@ -47,29 +47,33 @@ def git_commit() -> str | None:
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 
 
-def _cpuinfo() -> dict:
-    """The first processor's fields in Linux's /proc/cpuinfo; empty elsewhere."""
+def _cpuinfo(text: str | None = None) -> dict:
+    """The first processor's fields in Linux's /proc/cpuinfo (or in `text`, laid out so); empty elsewhere."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
     fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    except OSError:
-        pass
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
     return fields
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform says), or None when nothing says. A
-    virtual machine may name only the family ("Intel(R) Xeon(R) Processor"): `cpu_bf16_features` says more."""
-    return _cpuinfo().get("model name") or platform.processor() or None
+def cpu_model(cpuinfo: str | None = None) -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo, or `cpuinfo` text laid out so; else what the platform says), or
+    None when nothing says. A virtual machine may name only the family ("Intel(R) Xeon(R) Processor"):
+    `cpu_bf16_features` says more."""
+    return _cpuinfo(cpuinfo).get("model name") or platform.processor() or None
 
 
-def cpu_bf16_features() -> list[str] | None:
-    """Which of `BF16_FEATURES` the CPU lists, or None where /proc/cpuinfo does not say."""
-    flags = _cpuinfo().get("flags")
+def cpu_bf16_features(cpuinfo: str | None = None) -> list[str] | None:
+    """Which of `BF16_FEATURES` the CPU lists (Linux's /proc/cpuinfo, or `cpuinfo` text laid out so), or None where
+    nothing lists the CPU's flags."""
+    flags = _cpuinfo(cpuinfo).get("flags")
     return None if flags is None else [name for name in BF16_FEATURES if name in flags.split()]
 
 

@@ -108,3 +108,38 @@ def test_the_intervals_still_cover_where_most_sets_show_no_event():
 def test_bad_input_is_refused(original, aligned, groups, fragment):
     with pytest.raises(ValueError, match=fragment):
         rate_change_interval(original, aligned, groups)
+
+
+def test_removal_resamples_prompts_whole_too():
+    # two prompts of three images; the first shows the concept on all three and keeps it on one, the second shows
+    # nothing: a resample holding the first twice or once removes 2/3 (the second adds no detection), one holding
+    # the second twice has nothing to remove and is left out, so the interval is exactly the rate
+    original, aligned = [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]
+    assert removal_rate_interval(original, aligned, ["a"] * 3 + ["b"] * 3) == pytest.approx((2 / 3, 2 / 3))
+    # drawn image by image, the kept detection's image can be drawn twice or not at all
+    low, high = removal_rate_interval(original, aligned)
+    assert low < 2 / 3 < high
+
+
+def test_groups_are_told_apart_by_equality_and_numpy_integers_count():
+    original, aligned = np.array([1, 1, 0, 1]), np.array([0, 1, 0, 0])
+    assert rate_change_interval(original.tolist(), aligned.tolist()) == rate_change_interval(
+        list(original), list(aligned)
+    )
+    # 1 and "1" are two prompts: four groups here, so this equals the ungrouped interval
+    assert rate_change_interval([1, 1, 0, 1], [0, 1, 0, 0], [1, "1", 2, "2"]) == rate_change_interval(
+        [1, 1, 0, 1], [0, 1, 0, 0]
+    )
+
+
+def test_too_few_resamples_to_hold_a_detection_say_nothing():
+    # one detection in ten images: with a single resample that misses it, no resample defines the rate
+    seeds = [
+        seed for seed in range(50) if removal_rate_interval([1] + [0] * 9, [0] * 10, resamples=1, seed=seed) is None
+    ]
+    assert seeds, "some seed draws a resample without the one detection"
+
+
+def test_bools_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"0 or 1 per image, got \[True"):
+        rate_change_interval([True, False], [1, 0])

@@ -272,11 +272,19 @@ def _unsafe_table(run: Run) -> str:
                 str(m["images"]),
                 _fmt(m.get("nrr"), percent=True) + _interval(m.get("nrr_interval")),
                 _fmt(m["asr"]["original"], percent=True),
-                _fmt(m["asr"]["aligned"], percent=True),
+                _fmt(m["asr"]["aligned"], percent=True) + _interval(m.get("asr_change_interval"), points=True),
                 f"{m['detections']['original']} → {m['detections']['aligned']}",
             ]
         )
-    header = ["unsafe set", "prompts", "images", "NRR [95% interval]", "ASR original", "ASR aligned", "detections"]
+    header = [
+        "unsafe set",
+        "prompts",
+        "images",
+        "NRR [95% interval]",
+        "ASR original",
+        "ASR aligned [95% interval of the change]",
+        "detections",
+    ]
     return _table(header, rows) if rows else "<p>No unsafe set.</p>"
 
 
