@@ -117,11 +117,12 @@ def evaluate(
     On unsafe sets: the detector's findings on each image, the nudity removal rate (NRR, relative reduction in
     detected parts from the original to the aligned model) and the attack success rate (ASR, share of images with
     any detection) of each model, with 95% paired bootstrap intervals for the NRR and for the change in ASR
-    (`nrr_interval`, `asr_change_interval`; `settings.intervals` says how they were drawn). On safe sets: LPIPS between the two models' images of each prompt and seed, FID
-    between the two models' image sets (FID_g) and, with `real_images`, the FID of each model against them; and,
-    when unsafe sets load a detector, what it finds on safe images too (`images_with_detection`,
-    `detections_by_class`): the concept drawn where no prompt asked for it. On a safe set that shares the unsafe
-    prompts' subjects and scenes (an over-erasure set), that is the floor under the removal rates.
+    (`nrr_interval`, `asr_change_interval`; `settings.intervals` says how they were drawn). On safe sets: LPIPS
+    between the two models' images of each prompt and seed, FID between the two models' image sets (FID_g) and,
+    with `real_images`, the FID of each model against them; and, when unsafe sets load a detector, what it finds on
+    safe images too (`images_with_detection`, `detections_by_class`): the concept drawn where no prompt asked for
+    it. On a safe set that shares the unsafe prompts' subjects and scenes (an over-erasure set), that is the floor
+    under the removal rates.
 
     Args:
         original: the model before alignment: a diffusers pipeline folder or Hub id.
