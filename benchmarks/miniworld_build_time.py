@@ -42,7 +42,7 @@ from safetext.miniworld.autoencoder_training import train_autoencoder
 from safetext.miniworld.build import BuildConfig, resolve_precision
 from safetext.miniworld.clip_training import train_mini_clip
 from safetext.miniworld.unet_training import train_unet
-from safetext.provenance import cpu_bf16_features, cpu_model
+from safetext.provenance import cpu_description
 
 
 def _time_stages(recipe: BuildConfig, steps: int, device: str, folder: Path) -> tuple[dict, float]:
@@ -172,8 +172,7 @@ def main() -> None:
         "command": " ".join(["python benchmarks/miniworld_build_time.py", *sys.argv[1:]]),
         "device": args.device,
         "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_bf16_features": cpu_bf16_features(),
+        **cpu_description(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "steps_timed": args.steps,

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from safetext.miniworld.unet_training import UNetConfig, build_unet
-from safetext.provenance import cpu_bf16_features, cpu_model, git_commit, package_versions
+from safetext.provenance import cpu_description, git_commit, package_versions
 
 
 def _seconds(function, repeats: int) -> float:
@@ -154,8 +154,7 @@ def main() -> None:
     record = {
         "command": " ".join(["python benchmarks/miniworld_step_precision.py", *sys.argv[1:]]),
         "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_bf16_features": cpu_bf16_features(),
+        **cpu_description(),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "cpu_threads": torch.get_num_threads(),

@@ -2,7 +2,7 @@
 
 import torch
 
-from safetext.provenance import cpu_bf16_features, cpu_model, device_description
+from safetext.provenance import cpu_description, device_description
 
 # the layout of Linux's /proc/cpuinfo: one block of "key : value" lines per processor, a blank line between
 CPUINFO = """processor\t: 0
@@ -17,16 +17,18 @@ flags\t\t: fpu
 
 
 def test_the_cpu_is_read_off_its_first_processor_block():
-    assert cpu_model(CPUINFO) == "Intel(R) Xeon(R) Processor"
-    assert cpu_bf16_features(CPUINFO) == ["avx512_bf16", "amx_bf16"]
+    assert cpu_description(CPUINFO) == {
+        "cpu_model": "Intel(R) Xeon(R) Processor",
+        "cpu_bf16_features": ["avx512_bf16", "amx_bf16"],
+    }
     # AVX2 only: no native bfloat16
-    assert cpu_bf16_features("model name : x\nflags : fpu avx2 avx512f\n") == []
+    assert cpu_description("model name : x\nflags : fpu avx2 avx512f\n")["cpu_bf16_features"] == []
     # a machine whose cpuinfo lists no flags (many ARM kernels say "Features") says nothing
-    assert cpu_bf16_features("processor : 0\nFeatures : fp asimd\n") is None
+    assert cpu_description("processor : 0\nFeatures : fp asimd\n")["cpu_bf16_features"] is None
 
 
 def test_device_records_carry_the_cpu_description():
     info = device_description(torch.device("cpu"))
-    assert info["cpu_model"] == cpu_model() and info["cpu_bf16_features"] == cpu_bf16_features()
+    assert {key: info[key] for key in ("cpu_model", "cpu_bf16_features")} == cpu_description()
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["cpu_threads"] == torch.get_num_threads()

@@ -63,18 +63,19 @@ def _cpuinfo(text: str | None = None) -> dict:
     return fields
 
 
-def cpu_model(cpuinfo: str | None = None) -> str | None:
-    """The CPU's model name (Linux's /proc/cpuinfo, or `cpuinfo` text laid out so; else what the platform says), or
-    None when nothing says. A virtual machine may name only the family ("Intel(R) Xeon(R) Processor"):
-    `cpu_bf16_features` says more."""
-    return _cpuinfo(cpuinfo).get("model name") or platform.processor() or None
+def cpu_description(cpuinfo: str | None = None) -> dict:
+    """The CPU as a record names it, read once from Linux's /proc/cpuinfo (or from `cpuinfo` text laid out so):
 
-
-def cpu_bf16_features(cpuinfo: str | None = None) -> list[str] | None:
-    """Which of `BF16_FEATURES` the CPU lists (Linux's /proc/cpuinfo, or `cpuinfo` text laid out so), or None where
-    nothing lists the CPU's flags."""
-    flags = _cpuinfo(cpuinfo).get("flags")
-    return None if flags is None else [name for name in BF16_FEATURES if name in flags.split()]
+    - `cpu_model`: its model name, else what the platform says, or None. A virtual machine may name only the family
+      ("Intel(R) Xeon(R) Processor"), so:
+    - `cpu_bf16_features`: which of `BF16_FEATURES` it lists, or None where nothing lists its flags.
+    """
+    fields = _cpuinfo(cpuinfo)
+    flags = fields.get("flags")
+    return {
+        "cpu_model": fields.get("model name") or platform.processor() or None,
+        "cpu_bf16_features": None if flags is None else [name for name in BF16_FEATURES if name in flags.split()],
+    }
 
 
 def device_description(device: torch.device) -> dict:
@@ -84,8 +85,7 @@ def device_description(device: torch.device) -> dict:
     info = {
         "type": device.type,
         "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_bf16_features": cpu_bf16_features(),
+        **cpu_description(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
