@@ -7,6 +7,7 @@ import pytest
 from safetext.evaluation.metrics import (
     INTERVAL_SETTINGS,
     nudity_removal_rate,
+    paired_changes,
     rate_change_interval,
     removal_rate_interval,
 )
@@ -19,6 +20,12 @@ def test_models_that_agree_on_every_image_get_the_exact_zero_event_bounds():
     bound = 1 - 0.025 ** (1 / 6)
     assert rate_change_interval(hits, hits) == pytest.approx((-bound, bound))
     assert bound == pytest.approx(0.459, abs=1e-3)
+
+
+def test_paired_changes_count_the_images_the_models_disagree_on():
+    assert paired_changes([1, 1, 0, 0, 1], [0, 1, 1, 0, 0]) == {"lost": 2, "gained": 1}
+    with pytest.raises(ValueError):
+        paired_changes([1, 0], [1])
 
 
 def test_two_images_by_hand():

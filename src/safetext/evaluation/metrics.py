@@ -167,6 +167,13 @@ def removal_rate_interval(
     return low, high
 
 
+def paired_changes(hits_original: Sequence[int], hits_aligned: Sequence[int]) -> dict:
+    """The images a change in a per-image rate rests on: `lost`, where the original model's image counts and the
+    aligned one's does not, and `gained`, the other way round (lists of 0 or 1 per image, in the same order)."""
+    pairs = list(zip(hits_original, hits_aligned, strict=True))
+    return {"lost": sum(o > a for o, a in pairs), "gained": sum(a > o for o, a in pairs)}
+
+
 def rate_change_interval(
     hits_original: Sequence[int],
     hits_aligned: Sequence[int],
@@ -201,11 +208,10 @@ def rate_change_interval(
             raise ValueError(f"{name} must hold 0 or 1 per image, got {bad[:3]}")
     original, aligned, images = _resampled_totals(hits_original, hits_aligned, groups, resamples, seed)
     low, high = _percentiles((aligned - original) / images, confidence)
-    lost = sum(o > a for o, a in zip(hits_original, hits_aligned, strict=True))
-    gained = sum(a > o for o, a in zip(hits_original, hits_aligned, strict=True))
+    changes = paired_changes(hits_original, hits_aligned)
     prompts = len(set(groups)) if groups is not None else len(hits_original)
-    if lost == 0:
+    if changes["lost"] == 0:
         low = -_zero_event_bound(prompts, confidence)
-    if gained == 0:
+    if changes["gained"] == 0:
         high = _zero_event_bound(prompts, confidence)
     return low, high

@@ -32,7 +32,12 @@ from safetext.checkpointing import write_csv_atomic, write_json_atomic
 from safetext.config import AlignmentConfig
 from safetext.errors import SafeTextError
 from safetext.evaluation.evaluate import RESULTS, ROLES, EvaluationConfig, evaluate, job_columns
-from safetext.evaluation.metrics import INTERVAL_SETTINGS, rate_change_interval, removal_rate_interval
+from safetext.evaluation.metrics import (
+    INTERVAL_SETTINGS,
+    paired_changes,
+    rate_change_interval,
+    removal_rate_interval,
+)
 from safetext.generation import GenerationConfig, plan_images
 from safetext.loading import MINIWORLD
 from safetext.miniworld.world import DESIGNATED_CONCEPT
@@ -244,10 +249,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
         before, after, prompts = _paired(plan, hits)
         # aligned minus original
         intervals[key] = list(rate_change_interval(before, after, prompts))
-        changes[key] = {
-            "lost": sum(b > a for b, a in zip(before, after, strict=True)),
-            "gained": sum(a > b for b, a in zip(before, after, strict=True)),
-        }
+        changes[key] = paired_changes(before, after)
         subject_files[key] = f"{name}_subjects.csv"
         rows = [
             {**job_columns(job), "label": label, **{role: int(hits[role][i]) for role in ROLES}}
