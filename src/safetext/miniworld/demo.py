@@ -28,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from safetext.checkpointing import write_csv_atomic, write_json_atomic
 from safetext.config import AlignmentConfig
 from safetext.errors import SafeTextError
@@ -85,7 +87,8 @@ class DemoConfig:
         safe_prompts: prompts drawn for prompt following, the first of the recipe's held-out safe prompts
             (`miniworld-safe`'s first 60, which the alignment never trains on; None: all 60). 30 keeps the demo
             in its five minutes; on 30 one picture is 3.3 points, more than the gate's 3, and 60 halve that at
-            about 40 s more on two cores (docs/miniworld.md).
+            about 40 s more on two cores (docs/miniworld.md). `benchmarks/miniworld_demo_gates.py` judges the
+            demo's aligned encoder on hundreds of fresh prompts of each gate's kind.
         batch_size: images per pipeline call.
         images_per_set: image pairs per set on the report page.
     """
@@ -128,33 +131,31 @@ def _with_columns(name: str, n: int | None, **keep) -> PromptSet:
     return _subset(prompts, n)
 
 
-def _found(output_dir: Path, name: str, prompts: PromptSet, generation: GenerationConfig, detector, column):
-    """The images' plan, the label asked of each image (the row's `column`, or the fixed label when `column` is not
-    a column), and per model whether the detector finds it in each image."""
+def _scores(
+    output_dir: Path, name: str, prompts: PromptSet, generation: GenerationConfig, detector
+) -> tuple[list, dict]:
+    """The images' plan and, per model, the detector's scores of each image (a row per image, a column per label),
+    read once per set and asked of as many labels as the demo needs."""
     from safetext.evaluation.images import load_image
-    from safetext.miniworld.quality import found
 
     plan = plan_images(prompts, generation)
+    images = {role: [load_image(output_dir / "images" / role / name / job.filename) for job in plan] for role in ROLES}
+    return plan, {role: detector.scores(images[role]) for role in ROLES}
+
+
+def _found(detector, plan, scores: dict, prompts: PromptSet, column: str) -> tuple[list[str], dict]:
+    """The label asked of each image (the row's `column`, or the fixed label when `column` is not a column), and
+    per model whether the detector finds it in each image."""
     by_case = {r["case_number"]: r for r in prompts.records}
     labels = [by_case[job.case_number].get(column, column) for job in plan]
-    return (
-        plan,
-        labels,
-        {
-            role: found(
-                detector, [load_image(output_dir / "images" / role / name / job.filename) for job in plan], labels
-            )
-            for role in ROLES
-        },
-    )
+    columns = [detector.labels.index(label) for label in labels]
+    rows = np.arange(len(plan))
+    return labels, {role: scores[role][rows, columns] >= detector.threshold for role in ROLES}
 
 
-def _rates(output_dir: Path, name: str, prompts: PromptSet, generation: GenerationConfig, detector, column) -> dict:
-    """Per model, the share of a set's images in which the detector finds the label asked for (see `_found`)."""
-    return {
-        role: float(hits.mean())
-        for role, hits in _found(output_dir, name, prompts, generation, detector, column)[2].items()
-    }
+def _rates(hits: dict) -> dict:
+    """Per model, the share of images in which the detector finds the label asked for."""
+    return {role: float(hit.mean()) for role, hit in hits.items()}
 
 
 def _paired(plan, hits: dict) -> tuple[list[int], list[int], list[str]]:
@@ -237,15 +238,17 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
     # one picture is 3.3 points, and the interval says how far a figure could move on another draw of prompts
     concept_rate, intervals = {}, {"removal_rate": {}}
     for group, name in GROUP_SETS.items():
-        plan, _, hits = _found(output_dir, name, unsafe_sets[name], generation, detector, DESIGNATED_CONCEPT)
-        concept_rate[group] = {role: float(hit.mean()) for role, hit in hits.items()}
+        plan, scores = _scores(output_dir, name, unsafe_sets[name], generation, detector)
+        _, hits = _found(detector, plan, scores, unsafe_sets[name], DESIGNATED_CONCEPT)
+        concept_rate[group] = _rates(hits)
         interval = removal_rate_interval(*_paired(plan, hits))
         intervals["removal_rate"][group] = list(interval) if interval is not None else None
     # which prompts lose their subject, image by image, beside the rates (`<set>_subjects.csv`)
-    subject, subject_files, changes = {}, {}, {}
+    subject, subject_files, changes, scored = {}, {}, {}, {}
     for key, name in SUBJECT_SETS.items():
-        plan, labels, hits = _found(output_dir, name, safe_sets[name], generation, detector, "subject")
-        subject[key] = {role: float(hit.mean()) for role, hit in hits.items()}
+        plan, scores = scored[name] = _scores(output_dir, name, safe_sets[name], generation, detector)
+        labels, hits = _found(detector, plan, scores, safe_sets[name], "subject")
+        subject[key] = _rates(hits)
         before, after, prompts = _paired(plan, hits)
         # aligned minus original
         intervals[key] = list(rate_change_interval(before, after, prompts))
@@ -256,10 +259,13 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, *, model=
             for i, (job, label) in enumerate(zip(plan, labels, strict=True))
         ]
         write_csv_atomic(output_dir / subject_files[key], rows)
-    neighbour_kept = _rates(output_dir, NEIGHBOUR_SET, safe_sets[NEIGHBOUR_SET], generation, detector, "concept")
-    # the concept where no prompt asks for it: the over-erasure prompts name its subjects and no pattern
+    plan, scores = _scores(output_dir, NEIGHBOUR_SET, safe_sets[NEIGHBOUR_SET], generation, detector)
+    neighbour_kept = _rates(_found(detector, plan, scores, safe_sets[NEIGHBOUR_SET], "concept")[1])
+    # the concept where no prompt asks for it: the over-erasure prompts name its subjects and no pattern (the same
+    # images and scores as for the subject kept)
     over_erasure = SUBJECT_SETS["subject_kept"]
-    unprompted = _rates(output_dir, over_erasure, safe_sets[over_erasure], generation, detector, DESIGNATED_CONCEPT)
+    plan, scores = scored[over_erasure]
+    unprompted = _rates(_found(detector, plan, scores, safe_sets[over_erasure], DESIGNATED_CONCEPT)[1])
     removal_rate = {group: _removal(rates) for group, rates in concept_rate.items()}
     removal_at_unprompted_rate = {
         group: _removal_at(rates["original"], unprompted["original"]) for group, rates in concept_rate.items()
