@@ -17,8 +17,8 @@ seeds of their own, none of them in a shipped set:
 
 Each prompt is drawn once by the original model and once by the aligned one (50 PNDM steps, its own seed, guidance
 7.5). The record gives both shares, the pictures lost and gained, the demo's verdict on the figure, and a 95% paired
-bootstrap interval (`safetext.evaluation.metrics`), per prompt as well. About 0.6 s a picture on two cores (the
-defaults, 1,200 prompts: about 25 minutes).
+bootstrap interval (`safetext.evaluation.metrics`), per prompt as well. About 0.55 s a picture on two cores (the
+defaults, 2,400 pictures: 22 minutes on two AMD EPYC cores).
 
     python benchmarks/miniworld_demo_gates.py [--aligned demo-output/aligned] [--model miniworld] [--safe 600]
         [--overerasure 300] [--heldout 300] [--batch-size 50] [--record NAME]
