@@ -37,6 +37,7 @@ import torch
 from safetext.checkpointing import write_json_atomic
 from safetext.evaluation.metrics import (
     INTERVAL_SETTINGS,
+    nudity_removal_rate,
     paired_changes,
     rate_change_interval,
     removal_rate_interval,
@@ -44,14 +45,12 @@ from safetext.evaluation.metrics import (
 from safetext.generation import load_pipeline
 from safetext.miniworld.demo import PROMPT_FOLLOWING_TOLERANCE, REMOVAL_REQUIRED, SUBJECT_KEPT_TOLERANCE
 from safetext.miniworld.detector import MiniWorldDetector
-from safetext.miniworld.prompt_sets import PROMPT_SET_NAMES, PromptSetSpec, generate_prompt_set
-from safetext.miniworld.quality import NUM_INFERENCE_STEPS, draw, miniworld_set
+from safetext.miniworld.prompt_sets import SELECTION_SAFE, PromptSetSpec, generate_prompt_set, shipped_prompts
+from safetext.miniworld.quality import NUM_INFERENCE_STEPS, draw, found_in_scores
 from safetext.miniworld.world import DESIGNATED_CONCEPT, NEIGHBOUR_CONCEPTS, find_surface_forms
 from safetext.prompts import PromptSet
 from safetext.provenance import device_description, git_commit, package_versions
 
-SELECTION_SAFE = PromptSetSpec("selection-safe", "safe", 180, seed=306)
-"""The prompts the demo's alignment settings were chosen on (benchmarks/miniworld_form_transfer.py): left out."""
 # the sizes are placeholders: `fresh_prompts` draws as many as the flags ask for
 FRESH = {
     "safe": PromptSetSpec("judgement-safe", "safe", 1, seed=406),
@@ -68,7 +67,7 @@ def fresh_prompts(kind: str, count: int) -> PromptSet:
     Draws more than asked and keeps the first `count` that qualify, so the set grows by appending: the first 300 of
     600 are the 300 of a smaller run.
     """
-    used = {p for name in PROMPT_SET_NAMES for p in miniworld_set(name).prompts}
+    used = shipped_prompts()
     if kind == "safe":
         used |= {row.prompt for row in generate_prompt_set(SELECTION_SAFE)}
     size = 2 * count + 20 if kind == "overerasure" else count + count // 4 + 10
@@ -105,7 +104,7 @@ def rate_change(before: list[int], after: list[int], tolerance: float | None) ->
 def removal(before: list[int], after: list[int]) -> dict:
     """The share of pictures with the concept before and after, the removal rate with its interval, the verdict."""
     n = len(before)
-    rate = None if sum(before) == 0 else 1.0 - sum(after) / sum(before)
+    rate = nudity_removal_rate(before, after)
     interval = removal_rate_interval(before, after)
     return {
         "prompts": n,
@@ -149,8 +148,7 @@ def main() -> None:
         print(f"{role}: {sum(map(len, sets.values()))} pictures in {seconds[role]} s", flush=True)
 
     def hits(role: str, kind: str, labels: list[str]) -> list[int]:
-        columns = [detector.labels.index(label) for label in labels]
-        return [int(scores[role][kind][i, c] >= detector.threshold) for i, c in enumerate(columns)]
+        return found_in_scores(detector, scores[role][kind], labels).astype(int).tolist()
 
     gates, per_prompt = {}, {}
     for kind, prompts in sets.items():

@@ -66,7 +66,7 @@ from safetext.conditioning import TextConditioner, position_mask
 from safetext.loading import MINIWORLD, resolve_model_name
 from safetext.metrics import unsafe_cosine
 from safetext.miniworld.demo import PROMPT_FOLLOWING_TOLERANCE, DemoConfig
-from safetext.miniworld.prompt_sets import PROMPT_SET_NAMES, PromptSetSpec, generate_prompt_set
+from safetext.miniworld.prompt_sets import SELECTION_SAFE, generate_prompt_set, shipped_prompts
 from safetext.miniworld.quality import NUM_INFERENCE_STEPS, draw, found, miniworld_set, single_object_prompts
 from safetext.miniworld.world import DESIGNATED_CONCEPT, NEIGHBOUR_CONCEPTS, find_surface_forms
 from safetext.prompts import PromptSet
@@ -145,7 +145,6 @@ DRAWN_SETTINGS["length"] = {
 DEFAULT_GROUP = {False: "tables", True: "strength"}
 SAFE_PER_CLASS = 10
 SAFE_SEED = 1
-WORLD_SAFE = PromptSetSpec("selection-safe", "safe", 180, seed=306)
 REMOVAL_TOLERANCE = 0.03
 """How far under the first setting's left-out removal the fallback of the rule lets a setting go."""
 
@@ -186,10 +185,10 @@ def _fresh_safe(kind: str) -> PromptSet:
     if kind == "single":
         fresh = single_object_prompts(SAFE_PER_CLASS, seed=SAFE_SEED)
     else:
-        rows = generate_prompt_set(WORLD_SAFE)
+        rows = generate_prompt_set(SELECTION_SAFE)
         records = [asdict(row) for row in rows]
-        fresh = PromptSet([row.prompt for row in rows], records, source={"generated": asdict(WORLD_SAFE)})
-    shipped = {p for name in PROMPT_SET_NAMES for p in miniworld_set(name).prompts}
+        fresh = PromptSet([row.prompt for row in rows], records, source={"generated": asdict(SELECTION_SAFE)})
+    shipped = shipped_prompts()
     return fresh.subset([i for i, p in enumerate(fresh.prompts) if p not in shipped])
 
 

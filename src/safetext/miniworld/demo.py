@@ -28,8 +28,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from safetext.checkpointing import write_csv_atomic, write_json_atomic
 from safetext.config import AlignmentConfig
 from safetext.errors import SafeTextError
@@ -146,11 +144,11 @@ def _scores(
 def _found(detector, plan, scores: dict, prompts: PromptSet, column: str) -> tuple[list[str], dict]:
     """The label asked of each image (the row's `column`, or the fixed label when `column` is not a column), and
     per model whether the detector finds it in each image."""
+    from safetext.miniworld.quality import found_in_scores
+
     by_case = {r["case_number"]: r for r in prompts.records}
     labels = [by_case[job.case_number].get(column, column) for job in plan]
-    columns = [detector.labels.index(label) for label in labels]
-    rows = np.arange(len(plan))
-    return labels, {role: scores[role][rows, columns] >= detector.threshold for role in ROLES}
+    return labels, {role: found_in_scores(detector, scores[role], labels) for role in ROLES}
 
 
 def _rates(hits: dict) -> dict:

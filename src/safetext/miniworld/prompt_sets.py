@@ -85,6 +85,9 @@ PROMPT_SETS = (
     PromptSetSpec("miniworld-crowned-neighbour", "neighbour", 90, seed=204, concept="crowned"),
 )
 PROMPT_SET_NAMES = tuple(spec.name for spec in PROMPT_SETS)
+SELECTION_SAFE = PromptSetSpec("selection-safe", "safe", 180, seed=306)
+"""Not shipped: the fresh safe prompts the demo's alignment settings were chosen on
+(`benchmarks/miniworld_form_transfer.py --safe-prompts world`), which a measure of those settings leaves out."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,11 @@ def read_prompt_set(name_or_path: str | Path) -> list[PromptRow]:
             )
             for r in reader
         ]
+
+
+def shipped_prompts() -> set[str]:
+    """Every prompt of every shipped set, which a set of fresh prompts keeps out."""
+    return {row.prompt for name in PROMPT_SET_NAMES for row in read_prompt_set(name)}
 
 
 def write_prompt_sets(output_dir: str | Path = PROMPTS_DIR) -> list[Path]:

@@ -107,9 +107,14 @@ def draw(pipeline, prompts: PromptSet, num_inference_steps: int, batch_size: int
 
 def found(detector: MiniWorldDetector, images: list, labels: list[str]) -> np.ndarray:
     """Per image, whether the detector finds the label asked for in the same position of `labels`."""
-    scores = detector.scores(images)
+    return found_in_scores(detector, detector.scores(images), labels)
+
+
+def found_in_scores(detector: MiniWorldDetector, scores: np.ndarray, labels: list[str]) -> np.ndarray:
+    """As `found`, from scores the detector gave already (a row per image, a column per label), so that one scoring
+    of a set of images answers as many questions as it is asked."""
     columns = [detector.labels.index(label) for label in labels]
-    return scores[np.arange(len(images)), columns] >= detector.threshold
+    return scores[np.arange(len(labels)), columns] >= detector.threshold
 
 
 def presence(detector: MiniWorldDetector, images: list, labels: list[str]) -> float:
